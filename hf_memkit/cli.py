@@ -1,0 +1,163 @@
+"""The ``memkit`` command line. The shapes below are a contract (DESIGN.md):
+
+    memkit train    [--model tiny|smollm2|PATH] [--recipe FILE] [--max-steps N] [--max-seq-len N]
+                    [--output-dir DIR] [any TrainingArguments flag, e.g. --per_device_train_batch_size 2]
+    memkit run      [--nproc-per-node N] SCRIPT.py [the script's args, including --memkit_recipe FILE]
+    memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N] [--json] [--plot PNG]
+    memkit recipes  list | explain FILE | validate FILE...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import MemkitError, RecipeError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memkit",
+        description="hf_memkit: memory-efficient training for the stock HF Trainer, chosen by a YAML recipe.",
+        epilog=__doc__.split("\n", 2)[2] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model with a recipe (default: SmolLM2-135M + default recipe)",
+                       description="Fine-tune on the embedded corpus; unknown --flags go to TrainingArguments.")
+    t.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH to a local HF folder")
+    t.add_argument("--recipe", default="default", help="recipe YAML file or bundled name (default: default)")
+    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default depends on the model)")
+    t.add_argument("--max-seq-len", type=int, default=None, help="tokens per training block")
+    t.add_argument("--output-dir", default="runs/memkit-train", help="where checkpoints and reports go")
+
+    r = sub.add_parser("run", help="run an unmodified HF training script with --memkit_recipe applied",
+                       add_help=False)
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+
+    e = sub.add_parser("estimate", help="memory estimate before the run (no weights are built)")
+    e.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
+    e.add_argument("--recipe", default=None, help="recipe YAML file or bundled name (default: stock Trainer)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    e.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (per-rank memory is shown)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--plot", default=None, metavar="PNG", help="also write a stacked-bar chart")
+
+    rc = sub.add_parser("recipes", help="list, explain or validate recipes")
+    rsub = rc.add_subparsers(dest="recipes_command", metavar="ACTION")
+    rsub.add_parser("list", help="registered techniques and bundled recipes")
+    ex = rsub.add_parser("explain", help="print the resolved recipe with every default")
+    ex.add_argument("file")
+    va = rsub.add_parser("validate", help="validate recipes; exit 0 when all are valid, 1 otherwise")
+    va.add_argument("files", nargs="+")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # everything after `run` belongs to the launcher and the script
+        from .run import main as run_main
+
+        return run_main(argv[1:])
+    parser = _parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if unknown and ns.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        if ns.command == "train":
+            return _train(ns, unknown)
+        if ns.command == "estimate":
+            return _estimate(ns)
+        if ns.command == "recipes":
+            return _recipes(ns, parser)
+    except RecipeError as exc:
+        print(f"memkit: invalid recipe\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemkitError as exc:
+        print(f"memkit: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def _train(ns: argparse.Namespace, extra: list[str]) -> int:
+    from .train import TrainOptions, train
+
+    train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps, max_seq_len=ns.max_seq_len,
+                       output_dir=ns.output_dir, extra=extra))
+    return EXIT_OK
+
+
+def _estimate(ns: argparse.Namespace) -> int:
+    from .memory.estimate import estimate_memory
+
+    mem = estimate_memory(ns.model, ns.recipe, batch_size=ns.batch_size, seq_len=ns.seq_len, dtype=ns.dtype)
+    data = mem.to_dict()
+    data["inputs"]["world_size"] = ns.world_size
+    if ns.plot:
+        from .memory.report import plot_estimate
+
+        plot_estimate(data, ns.plot)
+    if ns.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(f"memory estimate: model {ns.model}, recipe {ns.recipe or '(stock Trainer)'}, batch {ns.batch_size}"
+              f" x {ns.seq_len} tokens, {ns.dtype}")
+        print(mem.table())
+    return EXIT_OK
+
+
+def _recipes(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import registry
+    from .recipe import load_recipe
+
+    cmd = ns.recipes_command
+    if cmd == "list":
+        from .data.recipes import bundled_recipes
+
+        entries = registry.entries()
+        w = max(len(e.name) for e in entries)
+        print("techniques:")
+        for e in entries:
+            origin = "" if e.origin == "builtin" else f"  [{e.origin}]"
+            print(f"  {e.slot:<12} {e.name:<{w}}  {e.technique_cls.summary}{origin}")
+        for name, why in registry.PLUGIN_FAILURES.items():
+            print(f"  {'(broken)':<12} {name:<{w}}  plugin failed to import: {why}")
+        print("bundled recipes:")
+        for name, path in bundled_recipes().items():
+            try:
+                desc = load_recipe(path, check_training_args=False).description
+            except RecipeError as exc:
+                desc = f"INVALID: {exc.problem}"
+            print(f"  {name:<16} {desc}")
+        return EXIT_OK
+    if cmd == "explain":
+        recipe = load_recipe(ns.file)
+        print(f"# resolved from {recipe.source}")
+        print(recipe.to_yaml(), end="")
+        return EXIT_OK
+    if cmd == "validate":
+        failed = 0
+        for f in ns.files:
+            try:
+                recipe = load_recipe(f)
+                print(f"ok      {f}  ({', '.join(recipe.names()) or 'no techniques'})")
+            except RecipeError as exc:
+                failed += 1
+                print(f"INVALID {exc}")
+        return EXIT_FAIL if failed else EXIT_OK
+    parser.parse_args(["recipes", "--help"])
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``memkit run SCRIPT.py --memkit_recipe r.yaml ...``: apply a recipe to an *unmodified* HF training script.
+
+Stock scripts parse ``sys.argv`` with ``HfArgumentParser`` and reject unknown flags, so the launcher removes
+``--memkit_recipe`` from the arguments, validates the recipe (a bad one stops here, before any model loads),
+and for the lifetime of the script patches ``transformers.Trainer.__init__`` so that every Trainer the script
+builds — stock, subclass or TRL — gets the recipe: the model is patched before the Trainer's own ``__init__``
+runs, then the optimizer/loss/checkpoint wiring is attached. Flags the user gave on the command line win over
+the recipe's ``training_args``. The patch is undone when the script returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import runpy
+import sys
+from typing import Any, Iterator
+
+from ..recipe import Recipe
+
+FLAG = "--memkit_recipe"
+
+
+def extract_recipe_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split ``--memkit_recipe FILE`` / ``--memkit_recipe=FILE`` (also with dashes) out of ``argv``."""
+    out, recipe, i = [], None, 0
+    names = (FLAG, FLAG.replace("_", "-"))
+    while i < len(argv):
+        a = argv[i]
+        if a in names:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"memkit run: {a} needs a value (a recipe file)")
+            recipe, i = argv[i + 1], i + 2
+            continue
+        if a.split("=", 1)[0] in names and "=" in a:
+            recipe = a.split("=", 1)[1]
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    return recipe, out
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """TrainingArguments-style field names the user set on the command line."""
+    flags = set()
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            flags.add(a[2:].split("=", 1)[0].replace("-", "_"))
+    return flags
+
+
+@contextlib.contextmanager
+def recipe_installed(recipe: Recipe, keep_args: set[str] = frozenset()) -> Iterator[None]:
+    """While active, every ``transformers.Trainer`` built in this process applies ``recipe``."""
+    import transformers
+
+    from .memkit_trainer import MemkitTrainer
+    from .trainer import attach, prepare
+
+    original = transformers.Trainer.__init__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(self, MemkitTrainer) or getattr(self, "_memkit_launching", False):
+            return original(self, *args, **kwargs)
+        bound = signature.bind_partial(self, *args, **kwargs)
+        params = bound.arguments
+        optimizers = params.get("optimizers", (None, None))
+        has_opt = (optimizers or (None, None))[0] is not None or params.get("optimizer_cls_and_kwargs") is not None
+        model, targs, runtime = prepare(params.get("model"), params.get("args"), recipe,
+                                        trainer_has_optimizer=has_opt, keep_args=keep_args)
+        params["model"], params["args"] = model, targs
+        self._memkit_launching = True
+        try:
+            original(*bound.args, **bound.kwargs)
+        finally:
+            del self._memkit_launching
+        attach(self, runtime)
+
+    transformers.Trainer.__init__ = __init__
+    try:
+        yield
+    finally:
+        transformers.Trainer.__init__ = original
+
+
+def run_script(script: str, script_args: list[str]) -> int:
+    """Run ``script`` as ``__main__`` with ``script_args`` and the recipe given by ``--memkit_recipe``."""
+    from ..errors import RecipeError
+    from ..recipe import load_recipe
+
+    recipe_path, rest = extract_recipe_flag(script_args)
+    if recipe_path is None:
+        print(f"memkit run: no {FLAG} given; pass {FLAG} FILE after the script name", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(recipe_path)
+    except RecipeError as exc:
+        print(f"memkit run: the recipe is invalid, nothing was run.\n{exc}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(script):
+        print(f"memkit run: script {script!r} not found", file=sys.stderr)
+        return 2
+    print(f"hf_memkit: recipe {recipe.source} ({', '.join(recipe.names()) or 'no techniques'}) "
+          f"applies to every Trainer in {script}", file=sys.stderr)
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv = [script, *rest]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        with recipe_installed(recipe, keep_args=explicit_flags(rest)):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+    return 0

@@ -1,0 +1,329 @@
+"""Trainer wiring: the one place where a recipe meets ``transformers.Trainer``.
+
+HF callbacks can neither swap the loss nor the optimizer, so the wiring replaces four methods *on the trainer
+instance* (never on the class): ``create_optimizer``, ``compute_loss``, ``_save_checkpoint`` and ``train``.
+:class:`MemkitTrainer` and :func:`apply_recipe` share this code; the stock-script launcher calls it from a
+scoped patch of ``Trainer.__init__``.
+
+Order of the lifecycle (see :mod:`hf_memkit.technique`): validate -> patch_model (before ``Trainer.__init__``
+where possible, so its checks see the adapter) -> create_optimizer / loss / callbacks during ``train`` ->
+state saved into every checkpoint, restored on resume -> finalize after training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+from ..errors import CheckpointError, RecipeError
+from ..recipe import Recipe, load_recipe
+from ..technique import PatchHandle, Technique, ValidationContext
+
+logger = logging.getLogger("hf_memkit")
+
+STATE_DIR = "memkit_state"
+STATE_JSON = "state.json"
+STATE_TENSORS = "tensors.safetensors"
+#: patch order: adapters first (they decide what trains), optimizers never patch the model
+PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "distributed", "compress", "optimizer")
+
+
+class RecipeRuntime:
+    """The techniques of one recipe, instantiated for one run."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.techniques: list[Technique] = recipe.build()
+        self.handles: list[PatchHandle] = []
+        self.original_model: Any = None
+
+    def of_slot(self, slot: str) -> Technique | None:
+        return next((t for t in self.techniques if t.slot == slot), None)
+
+    # validate -------------------------------------------------------------------------------------------------
+    def validate(self, model: Any, training_args: dict, trainer_has_optimizer: bool = False) -> None:
+        ctx = ValidationContext(self.recipe, getattr(model, "config", None), dict(training_args),
+                                trainer_has_optimizer)
+        for t in self.techniques:
+            t.validate(ctx)
+
+    # patch ----------------------------------------------------------------------------------------------------
+    def patch(self, model: Any) -> Any:
+        if self.handles:
+            raise RuntimeError("this recipe is already applied to a model; build a new runtime for another")
+        self.original_model = model
+        for slot in PATCH_ORDER:
+            for t in self.techniques:
+                if t.slot != slot:
+                    continue
+                try:
+                    handle = t.patch_model(model)
+                except Exception:
+                    self.unpatch()
+                    raise
+                if handle is not None:
+                    self.handles.append(handle)
+                    model = handle.model
+        return model
+
+    def unpatch(self) -> Any:
+        model = self.original_model
+        while self.handles:
+            model = self.handles.pop().remove()
+        return model
+
+    # loss -----------------------------------------------------------------------------------------------------
+    def compute_loss(self, default, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_t = self.of_slot("loss")
+        if loss_t is not None:
+            loss, outputs = loss_t.loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=True)
+        else:
+            loss, outputs = default(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        for t in self.techniques:
+            extra = t.extra_loss(model, inputs, outputs)
+            if extra is not None:
+                loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+    # state ----------------------------------------------------------------------------------------------------
+    def save_state(self, checkpoint_dir: str) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        folder = os.path.join(checkpoint_dir, STATE_DIR)
+        os.makedirs(folder, exist_ok=True)
+        meta: dict[str, Any] = {"format": 1, "recipe": self.recipe.to_dict(), "techniques": {}}
+        tensors: dict[str, Any] = {}
+        for t in self.techniques:
+            entry: dict[str, Any] = {}
+            for key, value in t.state_dict().items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{t.name}/{key}"] = value.detach().cpu().contiguous()
+                    entry[key] = {"__tensor__": f"{t.name}/{key}"}
+                else:
+                    try:
+                        json.dumps(value)
+                    except TypeError as exc:
+                        raise TypeError(
+                            f"technique {t.name!r}: state {key!r} is neither a tensor nor JSON-serialisable ({exc})"
+                        ) from None
+                    entry[key] = value
+            meta["techniques"][t.name] = entry
+        save_file(tensors, os.path.join(folder, STATE_TENSORS))
+        with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+
+    def load_state(self, checkpoint_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        folder = os.path.join(checkpoint_dir, STATE_DIR)
+        stateful = [t.name for t in self.techniques if t.state_dict()]
+        if not os.path.isdir(folder):
+            if stateful:
+                raise CheckpointError(
+                    f"{checkpoint_dir} has no {STATE_DIR}/ but the techniques {', '.join(stateful)} keep state; "
+                    "resume from a checkpoint written with this recipe, or start without resume_from_checkpoint"
+                )
+            logger.warning("hf_memkit: %s carries no memkit state; starting the techniques fresh", checkpoint_dir)
+            return
+        try:
+            with open(os.path.join(folder, STATE_JSON), encoding="utf-8") as f:
+                meta = json.load(f)
+            tensors = load_file(os.path.join(folder, STATE_TENSORS))
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise CheckpointError(
+                f"the memkit state in {folder} is unreadable ({type(exc).__name__}: {exc}); resume from an earlier "
+                "checkpoint or delete this one"
+            ) from None
+        saved = set(meta.get("techniques", {}))
+        current = {t.name for t in self.techniques}
+        if saved != current:
+            raise CheckpointError(
+                f"{checkpoint_dir} was written with the techniques {sorted(saved)} but this run has "
+                f"{sorted(current)}; resume with the checkpoint's recipe ({folder}/{STATE_JSON} holds it)"
+            )
+        for t in self.techniques:
+            entry = meta["techniques"][t.name]
+            try:
+                state = {
+                    k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v
+                    for k, v in entry.items()
+                }
+            except KeyError as exc:
+                raise CheckpointError(f"{folder}: tensor {exc} is missing; the checkpoint is corrupt") from None
+            t.load_state_dict(state)
+
+    # finalize -------------------------------------------------------------------------------------------------
+    def finalize(self, model: Any, output_dir: str) -> None:
+        for t in self.techniques:
+            t.finalize(model, output_dir)
+        if self.recipe.export is not None:
+            from .export import export_safetensors
+
+            export_safetensors(model, os.path.join(output_dir, self.recipe.export.dir),
+                               merge_adapters=self.recipe.export.merge_adapters)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# TrainingArguments
+
+
+#: deprecated TrainingArguments names -> their replacement (transformers >= 5)
+_RENAMED_ARGS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def apply_training_args(args: Any, overrides: dict[str, Any], *, keep: set[str] = frozenset(), source: str = "") -> Any:
+    """A copy of ``args`` with the recipe's ``training_args`` applied, except fields in ``keep`` (those the
+    user gave explicitly on the command line win over the recipe)."""
+    todo = {k: v for k, v in overrides.items() if k not in keep}
+    for k in overrides:
+        if k in keep:
+            logger.warning("hf_memkit: --%s on the command line overrides training_args.%s of the recipe", k, k)
+    if not todo:
+        return args
+    field_names = {f.name for f in dataclasses.fields(args)}
+    for old, new in _RENAMED_ARGS.items():
+        # transformers 5 resolves a deprecated alias only when the new name is unset, so a copy that changes
+        # just the old name would be silently ignored: set both
+        if old in todo and new in field_names and new not in todo:
+            todo[new] = todo[old]
+    try:
+        return dataclasses.replace(args, **todo)
+    except (TypeError, ValueError) as exc:
+        key = next(iter(todo)) if len(todo) == 1 else ", ".join(todo)
+        raise RecipeError(
+            f"TrainingArguments rejects the recipe's training_args: {exc}",
+            path=source or None,
+            key=f"training_args ({key})",
+            fix="correct or remove these training_args",
+        ) from None
+
+
+def _trainer_has_optimizer(trainer: Any) -> bool:
+    return trainer.optimizer is not None or getattr(trainer, "optimizer_cls_and_kwargs", None) is not None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attaching to a trainer instance
+
+
+def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
+    """Wire ``runtime`` into an initialised trainer by replacing methods on the instance (reversible with
+    :func:`detach`)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+    if getattr(trainer, "memkit", None) is not None:
+        raise RecipeError(
+            "this trainer already has a recipe applied",
+            fix="apply one recipe per trainer; compose techniques in one recipe instead",
+        )
+    originals = {n: getattr(trainer, n) for n in ("create_optimizer", "compute_loss", "_save_checkpoint", "train")}
+
+    def create_optimizer(model=None):
+        opt_t = runtime.of_slot("optimizer")
+        if trainer.optimizer is None and opt_t is not None:
+            trainer.optimizer = opt_t.create_optimizer(model if model is not None else trainer.model, trainer.args)
+            logger.info("hf_memkit: optimizer %s from technique %r", type(trainer.optimizer).__name__, opt_t.name)
+            return trainer.optimizer
+        return originals["create_optimizer"](model) if model is not None else originals["create_optimizer"]()
+
+    def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        return runtime.compute_loss(originals["compute_loss"], model, inputs, return_outputs, num_items_in_batch)
+
+    def _save_checkpoint(model, trial):
+        originals["_save_checkpoint"](model, trial)
+        if trainer.args.should_save:
+            run_dir = trainer._get_output_dir(trial=trial)
+            runtime.save_state(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"))
+
+    def train(resume_from_checkpoint=None, *args, **kwargs):
+        ckpt = resume_from_checkpoint
+        if ckpt is True:
+            ckpt = get_last_checkpoint(trainer.args.output_dir)
+            if ckpt is None:
+                raise CheckpointError(
+                    f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no checkpoint-* folder; "
+                    "train without resuming or point to a checkpoint"
+                )
+        if isinstance(ckpt, str):
+            runtime.load_state(ckpt)
+        result = originals["train"](resume_from_checkpoint, *args, **kwargs)
+        if trainer.args.should_save:
+            runtime.finalize(trainer.model, trainer.args.output_dir)
+        return result
+
+    for n, fn in (("create_optimizer", create_optimizer), ("compute_loss", compute_loss),
+                  ("_save_checkpoint", _save_checkpoint), ("train", train)):
+        setattr(trainer, n, fn)
+    callbacks = [cb for t in runtime.techniques for cb in t.callbacks()]
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    trainer.memkit = runtime
+    trainer._memkit_detach = (originals, callbacks)
+    return trainer
+
+
+def detach(trainer: Any) -> Any:
+    """Undo :func:`apply_recipe`: restore the trainer's methods, callbacks and the original model."""
+    runtime = getattr(trainer, "memkit", None)
+    if runtime is None:
+        return trainer
+    originals, callbacks = trainer._memkit_detach
+    for n in originals:
+        if n in vars(trainer):
+            delattr(trainer, n)
+    for cb in callbacks:
+        trainer.remove_callback(cb)
+    model = runtime.unpatch()
+    trainer.model = trainer.model_wrapped = model
+    trainer.memkit = None
+    del trainer._memkit_detach
+    return trainer
+
+
+def prepare(model: Any, args: Any, recipe: Recipe, *, trainer_has_optimizer: bool = False,
+            keep_args: set[str] = frozenset()) -> tuple[Any, Any, RecipeRuntime]:
+    """Before ``Trainer.__init__``: validate, apply training_args, patch the model."""
+    runtime = RecipeRuntime(recipe)
+    runtime.validate(model, recipe.training_args, trainer_has_optimizer)
+    if args is not None:
+        args = apply_training_args(args, recipe.training_args, keep=keep_args, source=recipe.source)
+    if model is not None:
+        model = runtime.patch(model)
+    return model, args, runtime
+
+
+def apply_recipe(trainer: Any, recipe: "Recipe | str | dict") -> Any:
+    """Apply a recipe to an existing (already constructed) Trainer — stock, subclass or TRL — in place.
+
+    The model is patched, TrainingArguments overridden by the recipe's ``training_args``, and the optimizer,
+    loss, checkpoint and resume paths wired. Returns the trainer. :func:`detach` undoes it.
+    """
+    recipe = load_recipe(recipe)
+    if getattr(trainer, "memkit", None) is not None:
+        raise RecipeError(
+            "this trainer already has a recipe applied",
+            fix="apply one recipe per trainer; compose techniques in one recipe instead",
+        )
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise RecipeError(
+            "apply_recipe cannot patch a Trainer whose model DeepSpeed/FSDP already wraps",
+            path=recipe.source,
+            fix="build the Trainer with MemkitTrainer(..., recipe=...) so the recipe applies before wrapping",
+        )
+    runtime = RecipeRuntime(recipe)
+    runtime.validate(trainer.model, recipe.training_args, _trainer_has_optimizer(trainer))
+    new_args = apply_training_args(trainer.args, recipe.training_args, source=recipe.source)
+    if new_args is not trainer.args:
+        trainer.args = new_args
+        # gradient accumulation and mixed precision are baked into the accelerator at init: rebuild it
+        trainer.create_accelerator_and_postprocess()
+    model = runtime.patch(trainer.model)
+    trainer.model = trainer.model_wrapped = model
+    return attach(trainer, runtime)

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from ...technique import TechniqueConfig
+
+
+class AdamWConfig(TechniqueConfig):
+    """``optimizer: {adamw: {}}`` — torch.optim.AdamW, the reference every other optimizer is measured against.
+
+    ```yaml
+    optimizer: {adamw: {lr: 2.0e-4, betas: [0.9, 0.95]}}
+    ```
+    Paper: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019). Plain PyTorch equivalent:
+    ``torch.optim.AdamW(params, lr, betas, eps, weight_decay)``. Not for memory-tight full fine-tunes: it keeps
+    8 bytes of state per trainable parameter (use ``adamw_8bit`` or an adapter).
+    """
+
+    lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="decay rates of the first and second moments")
+    eps: float = Field(1e-8, gt=0, description="added to the denominator for numerical stability")
+    weight_decay: float | None = Field(
+        None, ge=0, description="decoupled weight decay; null takes TrainingArguments.weight_decay"
+    )
+    foreach: bool | None = Field(None, description="use the multi-tensor implementation (null: torch decides)")

@@ -1,0 +1,147 @@
+"""The ONE table of techniques: name -> (slot, config class, technique class).
+
+Built-in techniques register when the table is first read; third-party packages add theirs through the
+entry-point group ``hf_memkit.techniques`` (the entry point names a :class:`~hf_memkit.technique.Technique`
+subclass). Duplicate names are an error, wherever they come from.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from .errors import RegistryError
+from .technique import Technique, TechniqueConfig
+
+ENTRY_POINT_GROUP = "hf_memkit.techniques"
+
+#: slot -> whether it takes a list of techniques (True) or exactly one (False)
+SLOTS: dict[str, bool] = {
+    "loss": False,
+    "optimizer": False,
+    "adapter": False,
+    "schedule": True,
+    "activations": True,
+    "compress": True,
+    "distributed": False,
+}
+
+#: modules whose import registers the built-in techniques (kept cheap: no torch at module level)
+_BUILTIN_MODULES = (
+    "hf_memkit.optim.adamw.technique",
+    "hf_memkit.optim.adamw_8bit.technique",
+    "hf_memkit.adapters.lora.technique",
+    "hf_memkit.adapters.qlora.technique",
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    slot: str
+    config_cls: type[TechniqueConfig]
+    technique_cls: type[Technique]
+    origin: str  # "builtin", "entry point <dist>", or "user"
+
+
+_TABLE: dict[str, Entry] = {}
+_loaded = False
+_loading = False
+#: entry points that failed to import: name -> error text (reported by `recipes list` and unknown-name errors)
+PLUGIN_FAILURES: dict[str, str] = {}
+
+
+def _check(cls: type) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Technique)):
+        raise RegistryError(f"{cls!r} is not a subclass of hf_memkit.Technique; register a Technique subclass")
+    if not cls.name or not cls.name.isidentifier() or cls.name != cls.name.lower():
+        raise RegistryError(
+            f"{cls.__qualname__}.name={cls.name!r} is not a valid technique name; use a lower-case identifier "
+            "such as 'my_optimizer'"
+        )
+    if cls.slot not in SLOTS:
+        raise RegistryError(
+            f"{cls.__qualname__}.slot={cls.slot!r} is not a slot; choose one of {', '.join(SLOTS)}"
+        )
+    if not (isinstance(cls.config_cls, type) and issubclass(cls.config_cls, TechniqueConfig)):
+        raise RegistryError(
+            f"{cls.__qualname__}.config_cls must subclass hf_memkit.technique.TechniqueConfig (extra='forbid')"
+        )
+    try:
+        cls.config_cls()
+    except Exception as exc:  # every config must accept {} (all defaults)
+        raise RegistryError(
+            f"{cls.__qualname__}.config_cls cannot be built from {{}} ({exc}); give every field a default"
+        ) from exc
+
+
+def register_technique(cls: type[Technique] | None = None, *, origin: str = "user", replace: bool = False):
+    """Add a technique to the table. Usable as a decorator. A duplicate name raises :class:`RegistryError`
+    unless ``replace=True`` (meant for tests and deliberate overrides)."""
+
+    def _register(c: type[Technique]) -> type[Technique]:
+        _check(c)
+        if not _loading:
+            _ensure_loaded()
+        old = _TABLE.get(c.name)
+        if old is not None and old.technique_cls is not c and not replace:
+            raise RegistryError(
+                f"technique name {c.name!r} is already registered by {old.technique_cls.__module__}."
+                f"{old.technique_cls.__qualname__} ({old.origin}); pick another name or pass replace=True"
+            )
+        _TABLE[c.name] = Entry(c.name, c.slot, c.config_cls, c, origin)
+        return c
+
+    return _register(cls) if cls is not None else _register
+
+
+def unregister_technique(name: str) -> None:
+    _ensure_loaded()
+    if name not in _TABLE:
+        raise RegistryError(f"no technique named {name!r} is registered")
+    del _TABLE[name]
+
+
+def _ensure_loaded() -> None:
+    global _loaded, _loading
+    if _loaded or _loading:
+        return
+    _loading = True
+    try:
+        for mod in _BUILTIN_MODULES:
+            module = importlib.import_module(mod)
+            for obj in vars(module).values():
+                if isinstance(obj, type) and issubclass(obj, Technique) and obj.__module__ == mod and obj.name:
+                    register_technique(obj, origin="builtin")
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(getattr(ep, "dist", None), "name", "?")
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must not break every recipe; it is reported, not hidden
+                PLUGIN_FAILURES[ep.name] = f"{ep.value} from {dist}: {type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"hf_memkit: the technique plugin {ep.name!r} ({ep.value}, package {dist}) failed to import: "
+                    f"{exc}. Fix or uninstall that package.",
+                    stacklevel=2,
+                )
+                continue
+            register_technique(obj, origin=f"entry point of {dist}")
+        _loaded = True
+    finally:
+        _loading = False
+
+
+def get(name: str) -> Entry | None:
+    _ensure_loaded()
+    return _TABLE.get(name)
+
+
+def entries() -> list[Entry]:
+    _ensure_loaded()
+    return sorted(_TABLE.values(), key=lambda e: (list(SLOTS).index(e.slot), e.name))
+
+
+def names(slot: str | None = None) -> list[str]:
+    return [e.name for e in entries() if slot is None or e.slot == slot]

@@ -1,0 +1,41 @@
+"""``python -m hf_memkit.run [--nproc-per-node N] SCRIPT.py [script args incl. --memkit_recipe FILE]``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="memkit run",
+        description="Run an unmodified HF training script with an hf_memkit recipe applied to its Trainer.",
+        epilog="Example: memkit run run_clm.py --memkit_recipe recipes/lora.yaml --output_dir out --max_steps 10",
+    )
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (torchrun) on this machine")
+    parser.add_argument("script", help="the training script")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    ns = parser.parse_args(argv)
+    if ns.nproc_per_node < 1:
+        parser.error("--nproc-per-node must be at least 1")
+    if ns.nproc_per_node > 1:
+        import os
+
+        from .integrations.launcher import extract_recipe_flag
+        from .recipe import load_recipe
+
+        recipe, _ = extract_recipe_flag(ns.script_args)
+        if recipe is not None:
+            load_recipe(recipe)  # fail before starting N processes
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ns.nproc_per_node}",
+               "-m", "hf_memkit.run", ns.script, *ns.script_args]
+        os.execv(sys.executable, cmd)
+    from .integrations.launcher import run_script
+
+    return run_script(ns.script, ns.script_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The Technique base class and its lifecycle.
+
+The trainer wiring (``hf_memkit.integrations.trainer``) calls the hooks in this fixed order:
+
+1. ``validate(ctx)``            model config, TrainingArguments, the other techniques; raise a typed error
+2. ``estimate(mem)``            add this technique's terms to the memory estimate
+3. ``patch_model(model)``       wrap modules / attach adapters; return a :class:`PatchHandle` (or ``None``)
+4. ``create_optimizer(model, args)``  only the technique in the ``optimizer`` slot
+5. ``loss(model, inputs, num_items_in_batch, return_outputs)``  only the technique in the ``loss`` slot;
+   any technique may add a term through ``extra_loss(model, inputs, outputs)``
+6. ``callbacks()``              TrainerCallbacks (schedules, mask refresh, QAT phases)
+7. ``state_dict()`` / ``load_state_dict(state)``  saved in every checkpoint, restored on resume
+8. ``finalize(model, output_dir)``  compression and export after training
+
+Every hook is optional. A technique declares the slot it lives in, its pydantic config class, and what it
+``conflicts`` with or ``requires`` (technique names, or ``slot:`` / ``training_args:`` references, see
+:func:`hf_memkit.recipe.check_compatibility`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class TechniqueConfig(BaseModel):
+    """Base of every technique config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+@dataclass
+class ValidationContext:
+    """What ``validate`` may look at. ``model_config`` is a transformers config (or None when validating a
+    recipe alone), ``training_args`` the resolved TrainingArguments overrides of the recipe."""
+
+    recipe: Any
+    model_config: Any = None
+    training_args: dict[str, Any] = field(default_factory=dict)
+    trainer_has_optimizer: bool = False
+
+
+class PatchHandle:
+    """What ``patch_model`` returns: ``model`` is the module to train from now on (it may be a new wrapper
+    such as a PeftModel), ``remove()`` undoes the patch and returns the original model object, unchanged bit
+    for bit (parameters, buffers and ``requires_grad`` flags)."""
+
+    def __init__(self, model: Any, undo: Callable[[], Any]):
+        self.model = model
+        self._undo = undo
+        self.removed = False
+
+    def remove(self) -> Any:
+        if self.removed:
+            raise RuntimeError("this patch was already removed; a handle undoes its patch once")
+        self.removed = True
+        return self._undo()
+
+
+class Technique:
+    """Base class. Subclasses set ``name``, ``slot`` and ``config_cls`` and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    slot: ClassVar[str] = ""
+    config_cls: ClassVar[type[TechniqueConfig]] = TechniqueConfig
+    #: what this technique cannot run with, mapped to the reason shown to the user. Keys are technique names
+    #: (``"lisa"``), whole slots (``"slot:distributed"``) or TrainingArguments fields set in the recipe
+    #: (``"training_args:optim"``)
+    conflicts: ClassVar[dict[str, str]] = {}
+    #: references (same syntax) that must be present in the recipe, mapped to the reason
+    requires: ClassVar[dict[str, str]] = {}
+    #: one-line summary for ``memkit recipes list`` and the README table
+    summary: ClassVar[str] = ""
+    #: the paper or library this technique comes from
+    reference: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+
+    def __init__(self, config: TechniqueConfig | None = None):
+        self.config = config if config is not None else self.config_cls()
+
+    # 1
+    def validate(self, ctx: ValidationContext) -> None:
+        """Raise a typed error (RecipeError, IncompatibleModelError) when this run cannot work."""
+
+    # 2
+    def estimate(self, mem: Any) -> None:
+        """Add terms to ``mem`` (a :class:`hf_memkit.memory.estimate.MemoryEstimate`)."""
+
+    # 3
+    def patch_model(self, model: Any) -> PatchHandle | None:
+        return None
+
+    # 4
+    def create_optimizer(self, model: Any, args: Any) -> "torch.optim.Optimizer | None":
+        return None
+
+    # 5
+    def loss(self, model: Any, inputs: dict, num_items_in_batch: Any = None, return_outputs: bool = False):
+        raise NotImplementedError(f"technique {self.name!r} sits in slot {self.slot!r} and computes no loss")
+
+    def extra_loss(self, model: Any, inputs: dict, outputs: Any) -> "torch.Tensor | None":
+        """A term added to the training loss (router balance, distillation). ``None`` adds nothing."""
+        return None
+
+    # 6
+    def callbacks(self) -> list:
+        return []
+
+    # 7
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and JSON-able values; saved next to every Trainer checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise NotImplementedError(f"technique {self.name!r} saved state but cannot load it")
+
+    # 8
+    def finalize(self, model: Any, output_dir: str) -> None:
+        """Compression and export after training."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
