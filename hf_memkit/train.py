@@ -20,7 +20,7 @@ from .errors import MemkitError
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"max_steps": 40, "max_seq_len": 128, "eval_blocks": 16,
              "args": {"per_device_train_batch_size": 8, "learning_rate": 3e-3}},
-    "smollm2": {"max_steps": 60, "max_seq_len": 256, "eval_blocks": 24,
+    "smollm2": {"max_steps": 40, "max_seq_len": 256, "eval_blocks": 24,
                 "args": {"per_device_train_batch_size": 4, "learning_rate": 5e-4}},
     "path": {"max_steps": 60, "max_seq_len": 256, "eval_blocks": 24,
              "args": {"per_device_train_batch_size": 4, "learning_rate": 2e-4}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 from ..errors import IncompatibleModelError, RecipeError
@@ -63,7 +64,9 @@ def lora_param_shapes(model: Any, fields: dict) -> list[tuple[str, tuple[int, ..
     from peft import get_peft_model
 
     meta = copy.deepcopy(model)
-    peft_model = get_peft_model(meta, lora_config(fields, "adapter"))
+    with warnings.catch_warnings():  # PEFT still calls transformers' deprecated checkpointing property
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(meta, lora_config(fields, "adapter"))
     return [
         (n, tuple(p.shape))
         for n, p in peft_model.named_parameters()

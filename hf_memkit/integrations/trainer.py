@@ -133,7 +133,7 @@ class RecipeRuntime:
             with open(os.path.join(folder, STATE_JSON), encoding="utf-8") as f:
                 meta = json.load(f)
             tensors = load_file(os.path.join(folder, STATE_TENSORS))
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
+        except Exception as exc:  # OSError, JSONDecodeError, safetensors' SafetensorError (no common base)
             raise CheckpointError(
                 f"the memkit state in {folder} is unreadable ({type(exc).__name__}: {exc}); resume from an earlier "
                 "checkpoint or delete this one"

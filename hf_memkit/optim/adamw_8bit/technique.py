@@ -46,11 +46,14 @@ class AdamW8bitTechnique(OptimizerTechnique):
         )
 
     def estimate(self, mem: Any) -> None:
-        total = 0
+        total, quantized = 0, False
         for p in mem.trainable():
             if p.numel >= self.config.min_8bit_size:
                 blocks = -(-p.numel // BLOCK)
-                total += 2 * p.numel + 2 * 4 * blocks + 2 * 256 * 4  # uint8 moments, absmax, qmaps
+                total += 2 * p.numel + 2 * 4 * blocks  # uint8 moments + one fp32 absmax per block each
+                quantized = True
             else:
                 total += 8 * p.numel
+        if quantized:
+            total += 2 * 256 * 4  # the two dynamic quantization maps, shared by every tensor
         mem.add("optimizer_states", total, self.name, "uint8 moments + fp32 absmax per 256")

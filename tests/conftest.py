@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random Llama (built once into the hf_memkit cache) and a small dataset."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("hf_memkit").setLevel(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from hf_memkit.data.models import tiny_dir
+
+    return tiny_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_path)
+
+
+@pytest.fixture
+def tiny_model(tiny_path):
+    """A fresh copy of the tiny model for every test (tests mutate it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_tokenizer):
+    from hf_memkit.data.corpus import block_dataset, split_topics
+
+    train, _ = split_topics()
+    return block_dataset(train, tiny_tokenizer, 32, max_blocks=64)
+
+
+def make_args(output_dir, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(output_dir), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                save_strategy="no", logging_steps=1, learning_rate=1e-2, seed=0, dataloader_pin_memory=False,
+                disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)
