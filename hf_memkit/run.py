@@ -23,12 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     if ns.nproc_per_node > 1:
         import os
 
-        from .integrations.launcher import extract_recipe_flag
+        from .errors import RecipeError
+        from .integrations.launcher import FLAG, extract_recipe_flag
         from .recipe import load_recipe
 
-        recipe, _ = extract_recipe_flag(ns.script_args)
-        if recipe is not None:
+        try:
+            recipe, _ = extract_recipe_flag(ns.script_args)
+        except SystemExit as exc:
+            parser.error(str(exc))
+        if recipe is None:
+            parser.error(f"no {FLAG} given; pass {FLAG} FILE after the script name")
+        try:
             load_recipe(recipe)  # fail before starting N processes
+        except RecipeError as exc:
+            print(f"memkit run: the recipe is invalid, nothing was run.\n{exc}", file=sys.stderr)
+            return 2
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ns.nproc_per_node}",
                "-m", "hf_memkit.run", ns.script, *ns.script_args]
         os.execv(sys.executable, cmd)

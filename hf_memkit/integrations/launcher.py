@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import os
 import runpy
 import sys
@@ -48,8 +49,34 @@ def explicit_flags(argv: list[str]) -> set[str]:
     flags = set()
     for a in argv:
         if a.startswith("--") and len(a) > 2:
-            flags.add(a[2:].split("=", 1)[0].replace("-", "_"))
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            flags.add(name)
+            if name.startswith("no_"):  # HfArgumentParser's complement of a bool field that defaults to True
+                flags.add(name[3:])
     return flags
+
+
+@contextlib.contextmanager
+def logging_to_stderr() -> Iterator[None]:
+    """Show the ``hf_memkit`` logger's INFO lines (which optimizer was built, which flag won) on stderr.
+
+    A stock script configures only its own and transformers' loggers, so without this the wiring's INFO lines
+    would be dropped (Python's last-resort handler prints WARNING and above only). Not propagated, so a script
+    that configures the root logger does not print each line twice; undone when the script returns.
+    """
+    log = logging.getLogger("hf_memkit")
+    saved = (log.level, log.propagate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 @contextlib.contextmanager
@@ -93,7 +120,11 @@ def run_script(script: str, script_args: list[str]) -> int:
     from ..errors import RecipeError
     from ..recipe import load_recipe
 
-    recipe_path, rest = extract_recipe_flag(script_args)
+    try:
+        recipe_path, rest = extract_recipe_flag(script_args)
+    except SystemExit as exc:  # a flag without its value is a usage error (exit 2), like argparse's
+        print(exc, file=sys.stderr)
+        return 2
     if recipe_path is None:
         print(f"memkit run: no {FLAG} given; pass {FLAG} FILE after the script name", file=sys.stderr)
         return 2
@@ -111,7 +142,7 @@ def run_script(script: str, script_args: list[str]) -> int:
     sys.argv = [script, *rest]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     try:
-        with recipe_installed(recipe, keep_args=explicit_flags(rest)):
+        with logging_to_stderr(), recipe_installed(recipe, keep_args=explicit_flags(rest)):
             runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
