@@ -103,7 +103,11 @@ class Recipe:
 
 
 def _suggest(word: Any, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(candidates), n=3, cutoff=0.6)
+    candidates = list(candidates)
+    close = difflib.get_close_matches(str(word), candidates, n=3, cutoff=0.6)
+    if not close:  # abbreviations and long forms: `rank` -> `r`, `alpha` -> `lora_alpha`
+        w = str(word).lower()
+        close = [c for c in candidates if len(c) < len(w) and w.startswith(c) or c.endswith("_" + w)][:3]
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
@@ -133,10 +137,18 @@ def _read_source(source: "str | Path") -> tuple[str, str]:
     if isinstance(source, str) and ("\n" in source or ":" in source) and not source.endswith((".yaml", ".yml")):
         return source, "<string>"
     path = Path(source)
-    if not path.is_file():
+    try:
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, or a NUL byte
+        is_file = is_dir = False
+    if not is_file:
         from .data.recipes import bundled_recipe_path
 
         bundled = bundled_recipe_path(str(source))
+        if bundled is None and is_dir:
+            raise RecipeError(
+                "this is a directory, not a recipe file", path=str(source), fix="name a .yaml file inside it"
+            )
         if bundled is None:
             raise RecipeError(
                 "recipe file not found",
@@ -186,14 +198,16 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
     if "memkit" not in data:
         raise RecipeError("the schema version is missing", path=where, key="memkit", fix="add `memkit: 1`")
     version = data["memkit"]
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and true compare equal to 1
         raise RecipeError(
             f"unsupported schema version {version!r}",
             path=where,
             key="memkit",
             fix=f"this hf_memkit reads `memkit: {SCHEMA_VERSION}`",
         )
-    description = data.get("description") or ""
+    description = data.get("description")
+    if description is None:
+        description = ""
     if not isinstance(description, str):
         raise RecipeError("description must be a string", path=where, key="description", fix="quote the text")
 
@@ -303,6 +317,24 @@ def _parse_slot(slot: str, many: bool, value: Any, where: str) -> list[Technique
     return specs
 
 
+def _data_path(params: Any, loc: typing.Sequence[Any]) -> list[Any]:
+    """The part of a pydantic error location that exists in the user's data (plus the field name itself):
+    union member tags such as ``list[str]`` and markers such as ``[key]`` are not keys the user wrote."""
+    out: list[Any] = []
+    cur = params
+    for i, p in enumerate(loc):
+        if isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, (list, tuple)) and isinstance(p, int) and 0 <= p < len(cur):
+            cur = cur[p]
+        elif i == 0:
+            cur = None
+        else:
+            continue
+        out.append(p)
+    return out
+
+
 def _validate_config(cls: type[BaseModel], params: Any, where: str, key: str) -> Any:
     if params is None:
         params = {}
@@ -318,7 +350,7 @@ def _validate_config(cls: type[BaseModel], params: Any, where: str, key: str) ->
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         loc = [str(p) for p in err.get("loc", ())]
-        full = _join(key, *loc)
+        full = _join(key, *_data_path(params, err.get("loc", ())))
         fields = cls.model_fields
         if err["type"] == "extra_forbidden":
             bad = loc[-1] if loc else "?"
@@ -357,6 +389,10 @@ def _conforms(value: Any, tp: Any) -> bool:
         return True
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        enums = _enums_of(tp)
+        if enums and isinstance(value, str):
+            # `SomeEnum | str` fields are converted with SomeEnum(value) by TrainingArguments: other strings fail
+            return any(_conforms(value, e) for e in enums)
         return any(_conforms(value, a) for a in typing.get_args(tp))
     if origin is Literal:
         return value in typing.get_args(tp)
@@ -371,7 +407,10 @@ def _conforms(value: Any, tp: Any) -> bool:
     if tp is str:
         return isinstance(value, str)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return value in {m.value for m in tp} or value in tp.__members__ or isinstance(value, tp)
+        # `==`, not a set or dict lookup: the value may be an unhashable list or mapping
+        return isinstance(value, tp) or any(value == m.value for m in tp) or (
+            isinstance(value, str) and value in tp.__members__
+        )
     if origin in (list, tuple) or tp in (list, tuple):
         return isinstance(value, (list, tuple))
     if origin is dict or tp is dict:
@@ -379,7 +418,13 @@ def _conforms(value: Any, tp: Any) -> bool:
     return True  # an exotic type: TrainingArguments itself will judge it when the run starts
 
 
+def _enums_of(tp: Any) -> list[type[enum.Enum]]:
+    return [a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, enum.Enum)]
+
+
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and _enums_of(tp):
+        return " or ".join(_type_name(e) for e in _enums_of(tp))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -450,5 +495,14 @@ def check_compatibility(recipe: Recipe) -> None:
                     f"{spec.name!r} requires {ref!r}: {reason}",
                     path=recipe.source,
                     key=key,
-                    fix=f"add {ref!r} to the recipe" if ":" not in ref else f"set {ref.replace(':', '.')} in the recipe",
+                    fix=_requirement_fix(ref),
                 )
+
+
+def _requirement_fix(ref: str) -> str:
+    kind, _, what = ref.partition(":")
+    if not what:
+        return f"add {ref!r} to the recipe"
+    if kind == "slot":
+        return f"add a technique under `{what}:`"
+    return f"set {kind}.{what} in the recipe"

@@ -56,12 +56,12 @@ PLUGIN_FAILURES: dict[str, str] = {}
 def _check(cls: type) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Technique)):
         raise RegistryError(f"{cls!r} is not a subclass of hf_memkit.Technique; register a Technique subclass")
-    if not cls.name or not cls.name.isidentifier() or cls.name != cls.name.lower():
+    if not isinstance(cls.name, str) or not cls.name.isidentifier() or cls.name != cls.name.lower():
         raise RegistryError(
             f"{cls.__qualname__}.name={cls.name!r} is not a valid technique name; use a lower-case identifier "
             "such as 'my_optimizer'"
         )
-    if cls.slot not in SLOTS:
+    if not isinstance(cls.slot, str) or cls.slot not in SLOTS:
         raise RegistryError(
             f"{cls.__qualname__}.slot={cls.slot!r} is not a slot; choose one of {', '.join(SLOTS)}"
         )
@@ -89,7 +89,8 @@ def register_technique(cls: type[Technique] | None = None, *, origin: str = "use
         if old is not None and old.technique_cls is not c and not replace:
             raise RegistryError(
                 f"technique name {c.name!r} is already registered by {old.technique_cls.__module__}."
-                f"{old.technique_cls.__qualname__} ({old.origin}); pick another name or pass replace=True"
+                f"{old.technique_cls.__qualname__} ({old.origin}), so {c.__module__}.{c.__qualname__} "
+                f"({origin}) cannot register it too; pick another name or pass replace=True"
             )
         _TABLE[c.name] = Entry(c.name, c.slot, c.config_cls, c, origin)
         return c

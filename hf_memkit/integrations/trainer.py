@@ -291,6 +291,14 @@ def prepare(model: Any, args: Any, recipe: Recipe, *, trainer_has_optimizer: boo
             keep_args: set[str] = frozenset()) -> tuple[Any, Any, RecipeRuntime]:
     """Before ``Trainer.__init__``: validate, apply training_args, patch the model."""
     runtime = RecipeRuntime(recipe)
+    patching = [t.name for t in runtime.techniques if type(t).patch_model is not Technique.patch_model]
+    if model is None and patching:
+        raise RecipeError(
+            f"the techniques {', '.join(patching)} patch the model, but the Trainer was given no model "
+            "(model_init builds it later, outside the recipe's reach)",
+            path=recipe.source,
+            fix="pass model=... to the Trainer instead of model_init",
+        )
     runtime.validate(model, recipe.training_args, trainer_has_optimizer)
     if args is not None:
         args = apply_training_args(args, recipe.training_args, keep=keep_args, source=recipe.source)

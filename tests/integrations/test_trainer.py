@@ -234,3 +234,18 @@ def test_export_writes_a_merged_plain_hf_model(tiny_model, tiny_dataset, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=x).logits, trainer.model(input_ids=x).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_model_init_without_model_is_rejected_when_the_recipe_patches(tiny_path, tiny_dataset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def init():
+        return AutoModelForCausalLM.from_pretrained(tiny_path)
+
+    with pytest.raises(RecipeError, match="model_init"):
+        MemkitTrainer(model_init=init, args=make_args(tmp_path), train_dataset=tiny_dataset,
+                      recipe={"adapter": {"lora": {}}})
+    # an optimizer-only recipe patches nothing, so model_init stays usable
+    trainer = MemkitTrainer(model_init=init, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
+                            recipe={"optimizer": {"adamw_8bit": {}}})
+    assert trainer.train().global_step == 1
