@@ -12,6 +12,7 @@ state saved into every checkpoint, restored on resume -> finalize after training
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -234,7 +235,13 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
         return originals["create_optimizer"](model) if model is not None else originals["create_optimizer"]()
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
-        return runtime.compute_loss(originals["compute_loss"], model, inputs, return_outputs, num_items_in_batch)
+        # callbacks that measure the forward (saved activations) offer a context; callbacks alone never see it
+        with contextlib.ExitStack() as stack:
+            for cb in trainer.callback_handler.callbacks:
+                enter = getattr(cb, "memkit_loss_context", None)
+                if enter is not None:
+                    stack.enter_context(enter(model))
+            return runtime.compute_loss(originals["compute_loss"], model, inputs, return_outputs, num_items_in_batch)
 
     def _save_checkpoint(model, trial):
         originals["_save_checkpoint"](model, trial)

@@ -1,20 +1,25 @@
 """Analytic memory estimate before the run, from a model config and a recipe (no weights are built: the model
 is instantiated on the meta device).
 
-Categories (bytes): ``weights`` (frozen and trainable base weights in their storage format), ``adapter_weights``,
-``gradients``, ``optimizer_states``, ``activations`` (tensors saved for backward), ``logits`` (output logits,
-their fp32 upcast and gradient) and any technique-specific ones added through ``Technique.estimate``.
+Categories (bytes): ``weights`` (base weights in their storage format, plus buffers), ``adapter_weights``,
+``gradients``, ``optimizer_states``, ``activations`` (tensors saved for backward, see
+:mod:`hf_memkit.memory.activations`), ``logits`` (the fp32 log-probabilities the loss saves),
+``loss_buffers`` (transient during the loss: the logits in the model dtype and their fp32 gradient),
+``activations_recompute`` (gradient checkpointing: one layer's tensors while it is recomputed) and any
+technique-specific category added through ``Technique.estimate``. The first six are what
+:class:`~hf_memkit.memory.profiler.MemoryReportCallback` measures; the transient ones are estimate-only.
 
-The activation term counts, per token and decoder layer of a Llama-style block, the tensors autograd keeps:
-the inputs of both norms (4·h with their outputs), q/k/v after RoPE (q + 2·kv), the attention output and
-the o_proj input (2·q), and the SwiGLU intermediates (4·i). With gradient checkpointing only each layer's input
-(h) plus one layer's full set is kept. This is an approximation; the measured profiler is the yardstick.
+Order: parameters -> logits terms -> technique hooks (adapters first; they may freeze parameters, add
+parameters, replace categories, mark ``needs_input``) -> saved activations (which depend on what trains) ->
+gradients -> the stock AdamW state when no optimizer technique is given.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .activations import add_activation_terms
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -50,6 +55,10 @@ class MemoryEstimate:
     gradient_checkpointing: bool = False
     params: dict[str, ParamInfo] = field(default_factory=dict)
     terms: list[Term] = field(default_factory=list)
+    #: tied parameter names -> the name they are stored under
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: modules whose input autograd keeps even when their weight is frozen (e.g. LoRA without dropout)
+    needs_input: set[str] = field(default_factory=set)
 
     @property
     def dtype_bytes(self) -> int:
@@ -58,6 +67,15 @@ class MemoryEstimate:
     # --- hooks for techniques -----------------------------------------------------------------------------
     def add(self, category: str, nbytes: int, source: str, note: str = "") -> None:
         self.terms.append(Term(category, source, int(nbytes), note))
+
+    def replace_category(self, category: str, nbytes: int, source: str, note: str = "") -> None:
+        """Drop every term of ``category`` so far and put one in its place (e.g. a fused loss that never
+        materialises the logits replaces the model's ``logits`` term)."""
+        self.terms = [t for t in self.terms if t.category != category]
+        self.add(category, nbytes, source, note)
+
+    def param(self, name: str) -> ParamInfo | None:
+        return self.params.get(self.aliases.get(name, name))
 
     def trainable(self) -> list[ParamInfo]:
         return [p for p in self.params.values() if p.trainable]
@@ -119,24 +137,12 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _base_terms(mem: MemoryEstimate, config: Any) -> None:
-    h = config.hidden_size
-    n_layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    q = heads * head_dim
-    kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    inter = getattr(config, "intermediate_size", 4 * h)
+def _logit_terms(mem: MemoryEstimate, config: Any) -> None:
     tokens = mem.batch_size * mem.seq_len
-    per_layer = (4 * h + 3 * q + 2 * kv + 4 * inter) * tokens * mem.dtype_bytes
-    if mem.gradient_checkpointing:
-        mem.add("activations", n_layers * h * tokens * mem.dtype_bytes + per_layer, "model",
-                "checkpointed layer inputs + one layer recomputed")
-    else:
-        mem.add("activations", n_layers * per_layer, "model", f"{n_layers} layers x saved tensors")
     vocab = config.vocab_size
-    # logits in the model dtype, their fp32 upcast for the loss, and the gradient of the logits
-    mem.add("logits", tokens * vocab * (mem.dtype_bytes + 4 + 4), "model", "logits + fp32 upcast + grad")
+    mem.add("logits", tokens * vocab * 4, "model", "fp32 log-probabilities saved by the cross-entropy")
+    mem.add("loss_buffers", tokens * vocab * (mem.dtype_bytes + 4), "model",
+            "transient: logits in the model dtype + their fp32 gradient")
 
 
 def meta_model(config: Any):
@@ -162,21 +168,27 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
     mem = MemoryEstimate(meta, batch_size, seq_len, dtype,
                          bool(recipe.training_args.get("gradient_checkpointing")
                               or recipe.training_args.get("activation_checkpointing")))
-    seen: set[int] = set()
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch size and sequence length must be at least 1 (got {batch_size} and {seq_len})")
+    first: dict[int, str] = {}
     for n, p in meta.named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # tied weights are stored once
+        if id(p) in first:  # tied weights are stored once
+            mem.aliases[n] = first[id(p)]
             continue
-        seen.add(id(p))
+        first[id(p)] = n
         mem.params[n] = ParamInfo(n, tuple(p.shape), p.numel(), p.numel() * mem.dtype_bytes, True)
+    for n, b in meta.named_buffers():
+        mem.add("weights", b.numel() * b.element_size(), "buffers", n)
+    _logit_terms(mem, config)  # before the hooks, so that techniques can replace them
     techniques = recipe.build()
     for slot in ESTIMATE_ORDER:
         for t in techniques:
             if t.slot == slot:
                 t.estimate(mem)
+    add_activation_terms(mem, config)
     for p in mem.trainable():
         mem.add("gradients", p.numel * mem.dtype_bytes, "autograd", "")
     if not recipe.slot("optimizer"):
         # the stock Trainer's default optimizer is AdamW (torch): two fp32 moments per trainable element
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), "trainer default adamw")
-    _base_terms(mem, config)
     return mem

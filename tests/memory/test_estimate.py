@@ -11,10 +11,12 @@ def test_base_terms_from_the_config_without_weights():
     mem = estimate_memory(cfg, {}, batch_size=2, seq_len=32)
     n = 512 * 64 * 2 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64
     cats = mem.categories()
-    assert cats["weights"] == 4 * n
+    inv_freq = 2 * (16 // 2) * 4  # RoPE buffers inv_freq and original_inv_freq, head_dim / 2 fp32 each
+    assert cats["weights"] == 4 * n + inv_freq
     assert cats["gradients"] == 4 * n
     assert cats["optimizer_states"] == 8 * n  # stock Trainer default: AdamW
-    assert cats["logits"] == 2 * 32 * 512 * 12
+    assert cats["logits"] == 2 * 32 * 512 * 4  # fp32 log-probabilities saved by the loss
+    assert cats["loss_buffers"] == 2 * 32 * 512 * 8  # logits + their gradient, transient
     assert all(p.device.type == "meta" for p in mem.model.parameters())
     assert mem.total_bytes() == sum(cats.values())
 

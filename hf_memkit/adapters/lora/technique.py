@@ -15,6 +15,30 @@ def attach_lora(model: Any, fields: dict, technique: str) -> PatchHandle:
     return wrap_with_peft(model, config, technique)
 
 
+def estimate_lora(mem: Any, fields: dict, dropout: float) -> None:
+    """Freeze the base, add the A/B factors, and the tensors each adapter branch saves per token: with dropout,
+    the dropped-out input and its mask (d·in each); without, the base input itself (the base layer's input
+    is then kept even though its weight is frozen); and A's output (d·r) for B."""
+    from ...integrations.peft_utils import lora_param_shapes
+
+    mem.freeze_all()
+    tokens = mem.batch_size * mem.seq_len
+    branch = 0
+    for name, shape in lora_param_shapes(mem.model, fields):
+        mem.add_param(name, shape, trainable=True, category="adapter_weights")
+        if ".lora_A." in name:
+            r, fan_in = shape
+            module = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+            if dropout > 0:  # dropout keeps its output and its mask, both in the input's dtype
+                branch += 2 * mem.dtype_bytes * fan_in
+            else:
+                mem.needs_input.add(module)
+            branch += mem.dtype_bytes * r
+    if mem.gradient_checkpointing:  # the branches live inside checkpointed layers: recomputed, not kept
+        return
+    mem.add("activations", branch * tokens, "lora", "adapter branches: dropout input + mask, A output")
+
+
 class LoraTechnique(Technique):
     name: ClassVar[str] = "lora"
     slot: ClassVar[str] = "adapter"
@@ -31,11 +55,7 @@ class LoraTechnique(Technique):
         return attach_lora(model, self.config.peft_kwargs(), f"adapter.{self.name}")
 
     def estimate(self, mem: Any) -> None:
-        from ...integrations.peft_utils import lora_param_shapes
-
-        mem.freeze_all()
-        for name, shape in lora_param_shapes(mem.model, self.config.peft_kwargs()):
-            mem.add_param(name, shape, trainable=True, category="adapter_weights")
+        estimate_lora(mem, self.config.peft_kwargs(), self.config.lora_dropout)
 
     def finalize(self, model: Any, output_dir: str) -> None:
         return None

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ...technique import PatchHandle, Technique, ValidationContext
-from ..lora.technique import attach_lora
+from ..lora.technique import attach_lora, estimate_lora
 from .config import QLoraConfig
 
 
@@ -44,14 +44,10 @@ class QLoraTechnique(Technique):
         return PatchHandle(inner.model, undo)
 
     def estimate(self, mem: Any) -> None:
-        from ...integrations.peft_utils import lora_param_shapes
-
         cfg = self.config
         for p in mem.params_of_linears(skip=cfg.skip_modules):
             # 4 bits per value + one absmax per block (fp32, or 8-bit + a second-level fp32 per 256 blocks)
             blocks = -(-p.numel // cfg.blocksize)
             absmax = blocks * 1 + (-(-blocks // 256)) * 4 if cfg.double_quant else blocks * 4
             mem.set_storage(p.name, p.numel // 2 + absmax, note=f"{cfg.quant_type} 4-bit")
-        mem.freeze_all()
-        for name, shape in lora_param_shapes(mem.model, cfg.peft_kwargs()):
-            mem.add_param(name, shape, trainable=True, category="adapter_weights")
+        estimate_lora(mem, cfg.peft_kwargs(), cfg.lora_dropout)
