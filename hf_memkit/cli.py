@@ -4,6 +4,7 @@
                     [--output-dir DIR] [any TrainingArguments flag, e.g. --per_device_train_batch_size 2]
     memkit run      [--nproc-per-node N] SCRIPT.py [the script's args, including --memkit_recipe FILE]
     memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N] [--json] [--plot PNG]
+    memkit compare  RECIPE... [--model M] [--steps N] [--json] [--plot PNG]
     memkit recipes  list | explain FILE | validate FILE...
 """
 
@@ -16,6 +17,16 @@ import sys
 from .errors import MemkitError, RecipeError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,9 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                        description="Fine-tune on the embedded corpus; unknown --flags go to TrainingArguments.")
     t.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH to a local HF folder")
     t.add_argument("--recipe", default="default", help="recipe YAML file or bundled name (default: default)")
-    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default depends on the model)")
-    t.add_argument("--max-seq-len", type=int, default=None, help="tokens per training block")
+    t.add_argument("--max-steps", type=_positive, default=None, help="optimizer steps (default depends on the model)")
+    t.add_argument("--max-seq-len", type=_positive, default=None, help="tokens per training block")
     t.add_argument("--output-dir", default="runs/memkit-train", help="where checkpoints and reports go")
+    t.add_argument("--no-eval-before", dest="eval_before", action="store_false",
+                   help="skip the perplexity evaluation before training")
 
     r = sub.add_parser("run", help="run an unmodified HF training script with --memkit_recipe applied",
                        add_help=False)
@@ -42,12 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="memory estimate before the run (no weights are built)")
     e.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
     e.add_argument("--recipe", default=None, help="recipe YAML file or bundled name (default: stock Trainer)")
-    e.add_argument("--batch-size", type=int, default=1)
-    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=_positive, default=1)
+    e.add_argument("--seq-len", type=_positive, default=512)
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    e.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (per-rank memory is shown)")
+    e.add_argument("--world-size", type=_positive, default=1, help="data-parallel ranks (per-rank memory is shown)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--plot", default=None, metavar="PNG", help="also write a stacked-bar chart")
+
+    c = sub.add_parser("compare", help="run recipes side by side (one process each) and tabulate memory")
+    c.add_argument("recipes", nargs="+", help="recipe files or bundled names; the first is the reference")
+    c.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
+    c.add_argument("--steps", type=_positive, default=5, help="optimizer steps per recipe")
+    c.add_argument("--batch-size", type=_positive, default=None, help="per-device train batch size")
+    c.add_argument("--seq-len", type=_positive, default=None, help="tokens per block")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--plot", default=None, metavar="PNG", help="also write a bar chart")
+    c.add_argument("--workdir", default=None, help="keep each run's output here (default: a temp folder)")
 
     rc = sub.add_parser("recipes", help="list, explain or validate recipes")
     rsub = rc.add_subparsers(dest="recipes_command", metavar="ACTION")
@@ -77,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(ns, unknown)
         if ns.command == "estimate":
             return _estimate(ns)
+        if ns.command == "compare":
+            return _compare(ns)
         if ns.command == "recipes":
             return _recipes(ns, parser)
     except RecipeError as exc:
@@ -93,7 +118,28 @@ def _train(ns: argparse.Namespace, extra: list[str]) -> int:
     from .train import TrainOptions, train
 
     train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps, max_seq_len=ns.max_seq_len,
-                       output_dir=ns.output_dir, extra=extra))
+                       output_dir=ns.output_dir, extra=extra, eval_before=ns.eval_before))
+    return EXIT_OK
+
+
+def _compare(ns: argparse.Namespace) -> int:
+    from .memory.compare import compare, table
+
+    extra = []
+    if ns.batch_size:
+        extra += ["--per_device_train_batch_size", str(ns.batch_size)]
+    if ns.seq_len:
+        extra += ["--max-seq-len", str(ns.seq_len)]
+    rows = compare(ns.recipes, model=ns.model, steps=ns.steps, extra=extra, workdir=ns.workdir)
+    if ns.plot:
+        from .memory.report import plot_compare
+
+        plot_compare(rows, ns.plot)
+    if ns.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"memkit compare: model {ns.model}, {ns.steps} steps each, same data and seed")
+        print(table(rows))
     return EXIT_OK
 
 

@@ -37,6 +37,7 @@ class TrainOptions:
     max_steps: int | None = None
     max_seq_len: int | None = None
     output_dir: str = "runs/memkit-train"
+    eval_before: bool = True
     extra: list[str] = dataclasses.field(default_factory=list)  # TrainingArguments flags
 
 
@@ -99,8 +100,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     trainer = MemkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=default_data_collator, processing_class=tok, callbacks=[profiler],
                             recipe=recipe)
-    ppl_before = perplexity(trainer)
-    print(f"hf_memkit: eval perplexity before training: {ppl_before:.3f}", flush=True)
+    ppl_before = perplexity(trainer) if opts.eval_before else None
+    if ppl_before is not None:
+        print(f"hf_memkit: eval perplexity before training: {ppl_before:.3f}", flush=True)
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
@@ -113,8 +115,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "seq_len": seq_len, "train_tokens": tokens, "train_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eval_tokens": len(eval_ds) * seq_len,
-        "perplexity_before": round(ppl_before, 4), "perplexity_after": round(ppl_after, 4),
-        "final_train_loss": round(result.training_loss, 4), "peak_rss_bytes": peak_rss_bytes(),
+        "perplexity_before": round(ppl_before, 4) if ppl_before is not None else None,
+        "perplexity_after": round(ppl_after, 4),
+        "mean_train_loss": round(result.training_loss, 4),
+        "last_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "peak_rss_bytes": peak_rss_bytes(),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
     report = {"estimate": estimate.to_dict(), "measured": profiler.report()}
@@ -123,23 +128,26 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
+    from .memory.report import plot_report
+
+    plot_report(report, os.path.join(args.output_dir, "memory_report.png"))
     print_summary(summary, report)
     return summary
 
 
 def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
-    mib = 2**20
+    from .memory.report import summary_lines
+
+    before = summary["perplexity_before"]
+    ppl = f"{before:.3f} -> {summary['perplexity_after']:.3f}" if before is not None else (
+        f"{summary['perplexity_after']:.3f}")
     rows = [
-        ("perplexity (eval)", f"{summary['perplexity_before']:.3f} -> {summary['perplexity_after']:.3f}"),
+        ("perplexity (eval)", ppl),
         ("train time", f"{summary['train_seconds']:.1f} s for {summary['steps']} steps"),
         ("throughput", f"{summary['tokens_per_second']} tokens/s"),
         ("trainable parameters", f"{summary['trainable_parameters']:,}"),
-        ("peak RSS", f"{summary['peak_rss_bytes'] / mib:.0f} MiB"),
+        ("peak RSS", f"{summary['peak_rss_bytes'] / 2**20:.0f} MiB"),
     ]
-    est, meas = report["estimate"], report["measured"]
-    for cat in ("weights", "gradients", "optimizer_states"):
-        rows.append((f"{cat} (estimate / measured)",
-                     f"{est.get(cat, 0) / mib:.1f} / {meas.get(cat, 0) / mib:.1f} MiB"))
     width = max(len(r[0]) for r in rows)
-    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
-    sys.stdout.flush()
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    print("\n".join(summary_lines(report)), flush=True)

@@ -116,3 +116,40 @@ def test_train_tiny_end_to_end(tmp_path):
     assert report["measured"]["optimizer_states"] > 0 and report["measured"]["peak_rss_bytes"] > 0
     assert "perplexity (eval)" in r.stdout and "tokens/s" in r.stdout
     assert (out / "adapter_config.json").is_file()
+
+
+def test_estimate_bad_input_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--model", "tiny", "--batch-size", "0"])
+    assert exc.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    assert main(["estimate", "--model", "no/such-model"]) == 1
+    assert "not 'tiny', 'smollm2' or a local folder" in capsys.readouterr().err
+    assert main(["estimate", "--model", "tiny", "--recipe", "no_such_recipe"]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def test_compare_rejects_bad_recipes_before_running_anything(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memkit: 1\noptimizer: {adamw: {lr: -1}}\n")
+    assert main(["compare", "baseline", str(bad), "--model", "tiny", "--workdir", str(tmp_path / "w")]) == 2
+    assert "optimizer.adamw.lr" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_compare_two_recipes_side_by_side(tmp_path):
+    png = tmp_path / "cmp.png"
+    r = memkit("compare", "baseline", "lora", "--model", "tiny", "--steps", "2", "--seq-len", "32", "--json",
+               "--plot", str(png))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == ["baseline", "lora"]
+    base, lora = rows
+    assert base["ratio_peak_rss"] == 1.0
+    assert lora["measured"]["optimizer_states"] < base["measured"]["optimizer_states"] / 5
+    assert lora["measured"]["adapter_weights"] > 0 and base["measured"]["adapter_weights"] == 0
+    for row in rows:
+        assert row["final_loss"] is not None and row["median_step_seconds"] > 0
+        assert row["estimate_total_bytes"] == pytest.approx(row["measured_total_bytes"], rel=0.1)
+    assert png.read_bytes()[:4] == b"\x89PNG"
