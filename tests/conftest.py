@@ -50,3 +50,16 @@ def make_args(output_dir, **kw):
                 disable_tqdm=True)
     base.update(kw)
     return TrainingArguments(**base)
+
+
+def measure_one_step(model, dataset, recipe, output_dir, batch_size=4, seq_len=32):
+    """Train one step under ``recipe`` with the memory profiler; return (estimate dict, measured report)."""
+    from hf_memkit import MemkitTrainer, estimate_memory
+    from hf_memkit.memory.profiler import MemoryReportCallback
+
+    cb = MemoryReportCallback()
+    trainer = MemkitTrainer(model=model, args=make_args(output_dir, max_steps=1, per_device_train_batch_size=batch_size),
+                            train_dataset=dataset, callbacks=[cb], recipe=recipe)
+    est = estimate_memory(model.config, recipe, batch_size=batch_size, seq_len=seq_len).to_dict()
+    trainer.train()
+    return est, cb.report()

@@ -121,17 +121,10 @@ def test_state_survives_save_and_resume(entry, tiny_path, tiny_dataset, tmp_path
 def test_estimate_matches_measurement_within_15_percent(entry, tiny_model, tiny_dataset, tmp_path):
     """The estimator grows with the registry: each technique's `estimate` hook must keep the analytic
     breakdown within 15% of tensor accounting, per category and in total, on the tiny model."""
-    from hf_memkit import estimate_memory
-    from hf_memkit.memory.profiler import MemoryReportCallback
     from hf_memkit.memory.report import MEASURED, comparable_total
+    from tests.conftest import measure_one_step
 
-    recipe = _recipe_for(entry)
-    cb = MemoryReportCallback()
-    trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
-                            callbacks=[cb], recipe=recipe)
-    est = estimate_memory(tiny_model.config, recipe, batch_size=4, seq_len=32).to_dict()
-    trainer.train()
-    measured = cb.report()
+    est, measured = measure_one_step(tiny_model, tiny_dataset, _recipe_for(entry), tmp_path)
     for cat in MEASURED:
         assert est.get(cat, 0) == pytest.approx(measured[cat], rel=0.15, abs=1024), cat
     assert comparable_total(est) == pytest.approx(comparable_total(measured), rel=0.15)

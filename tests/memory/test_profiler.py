@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_memkit import MemkitTrainer, estimate_memory
-from hf_memkit.memory.profiler import MemoryReportCallback, SavedTensorMeter, storage_bytes
-from tests.conftest import make_args
+from hf_memkit.memory.profiler import SavedTensorMeter, storage_bytes
+from tests.conftest import measure_one_step
 
 
 def test_linear_gelu_stack_saved_bytes_are_exact():
@@ -52,12 +51,7 @@ RECIPES = ["baseline", "full_8bit", "lora", "qlora", "default"]
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_estimate_matches_measurement_on_tiny(recipe, tiny_model, tiny_dataset, tmp_path):
-    cb = MemoryReportCallback()
-    trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
-                            callbacks=[cb], recipe=recipe)
-    est = estimate_memory(tiny_model.config, recipe, batch_size=4, seq_len=32).to_dict()
-    trainer.train()
-    measured = cb.report()
+    est, measured = measure_one_step(tiny_model, tiny_dataset, recipe, tmp_path)
     for cat in ("weights", "adapter_weights", "gradients", "optimizer_states", "activations", "logits"):
         assert est.get(cat, 0) == pytest.approx(measured[cat], rel=0.02, abs=64), cat
     assert measured["peak_rss_bytes"] > 0 and measured["median_step_seconds"] > 0
