@@ -3,7 +3,8 @@
     memkit train    [--model tiny|smollm2|PATH] [--recipe FILE] [--max-steps N] [--max-seq-len N]
                     [--output-dir DIR] [any TrainingArguments flag, e.g. --per_device_train_batch_size 2]
     memkit run      [--nproc-per-node N] SCRIPT.py [the script's args, including --memkit_recipe FILE]
-    memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N] [--json] [--plot PNG]
+    memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N [--zero-stage S]]
+                    [--json] [--plot PNG]
     memkit compare  RECIPE... [--model M] [--steps N] [--json] [--plot PNG]
     memkit recipes  list | explain FILE | validate FILE...
 """
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512)
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--world-size", type=_positive, default=1, help="data-parallel ranks (per-rank memory is shown)")
+    e.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
+                   help="DeepSpeed ZeRO stage: partitions optimizer state (1), + gradients (2), + weights (3)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--plot", default=None, metavar="PNG", help="also write a stacked-bar chart")
 
@@ -146,9 +149,9 @@ def _compare(ns: argparse.Namespace) -> int:
 def _estimate(ns: argparse.Namespace) -> int:
     from .memory.estimate import estimate_memory
 
-    mem = estimate_memory(ns.model, ns.recipe, batch_size=ns.batch_size, seq_len=ns.seq_len, dtype=ns.dtype)
+    mem = estimate_memory(ns.model, ns.recipe, batch_size=ns.batch_size, seq_len=ns.seq_len, dtype=ns.dtype,
+                          world_size=ns.world_size, zero_stage=ns.zero_stage)
     data = mem.to_dict()
-    data["inputs"]["world_size"] = ns.world_size
     if ns.plot:
         from .memory.report import plot_estimate
 

@@ -53,6 +53,8 @@ class MemoryEstimate:
     seq_len: int
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    world_size: int = 1
+    zero_stage: int = 0
     params: dict[str, ParamInfo] = field(default_factory=dict)
     terms: list[Term] = field(default_factory=list)
     #: tied parameter names -> the name they are stored under
@@ -112,6 +114,9 @@ class MemoryEstimate:
             cats[p.category] = cats.get(p.category, 0) + p.storage_bytes
         for t in self.terms:
             cats[t.category] = cats.get(t.category, 0) + t.bytes
+        for cat in ZERO_PARTITIONS[self.zero_stage]:
+            if cat in cats:
+                cats[cat] = -(-cats[cat] // self.world_size)
         return cats
 
     def total_bytes(self) -> int:
@@ -123,7 +128,8 @@ class MemoryEstimate:
             **cats,
             "total_bytes": sum(cats.values()),
             "inputs": {"batch_size": self.batch_size, "seq_len": self.seq_len, "dtype": self.dtype,
-                       "gradient_checkpointing": self.gradient_checkpointing},
+                       "gradient_checkpointing": self.gradient_checkpointing, "world_size": self.world_size,
+                       "zero_stage": self.zero_stage},
             "terms": [asdict(t) for t in self.terms],
         }
 
@@ -153,10 +159,17 @@ def meta_model(config: Any):
         return AutoModelForCausalLM.from_config(config)
 
 
+#: ZeRO stage -> the categories it partitions across data-parallel ranks (Rajbhandari et al. 2020)
+ZERO_PARTITIONS = {0: (), 1: ("optimizer_states",), 2: ("optimizer_states", "gradients"),
+                   3: ("optimizer_states", "gradients", "weights", "adapter_weights")}
+
+
 def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_len: int = 512,
-                    dtype: str = "float32") -> MemoryEstimate:
-    """Estimate training memory for ``model`` (a name such as ``tiny``/``smollm2``, a local path, a
-    transformers config or a model) under ``recipe``. Builds no weights."""
+                    dtype: str = "float32", world_size: int = 1, zero_stage: int = 0) -> MemoryEstimate:
+    """Estimate per-rank training memory for ``model`` (a name such as ``tiny``/``smollm2``, a local path, a
+    transformers config or a model) under ``recipe``. Builds no weights. With ``world_size`` > 1 and a ZeRO
+    stage, the partitioned categories are divided by the number of ranks (activations and logits are per
+    rank already: ``batch_size`` is the per-device batch)."""
     from ..data.models import resolve_config
     from ..recipe import load_recipe
 
@@ -168,6 +181,10 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
     mem = MemoryEstimate(meta, batch_size, seq_len, dtype,
                          bool(recipe.training_args.get("gradient_checkpointing")
                               or recipe.training_args.get("activation_checkpointing")))
+    if zero_stage not in ZERO_PARTITIONS:
+        raise ValueError(f"ZeRO stage {zero_stage!r} does not exist; use 0, 1, 2 or 3")
+    if world_size < 1:
+        raise ValueError(f"world size must be at least 1 (got {world_size})")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch size and sequence length must be at least 1 (got {batch_size} and {seq_len})")
     first: dict[int, str] = {}
@@ -191,4 +208,5 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
     if not recipe.slot("optimizer"):
         # the stock Trainer's default optimizer is AdamW (torch): two fp32 moments per trainable element
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), "trainer default adamw")
+    mem.world_size, mem.zero_stage = world_size, zero_stage
     return mem

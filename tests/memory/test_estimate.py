@@ -46,3 +46,15 @@ def test_smollm2_config_comes_from_gguf_metadata():
     assert mem.model.config.hidden_size == 576
     # 134.5M parameters (embeddings tied with the head), fp32
     assert mem.categories()["weights"] == pytest.approx(134_515_008 * 4, rel=1e-6)
+
+
+def test_zero_stages_partition_their_categories():
+    one = estimate_memory("tiny", "baseline", batch_size=2, seq_len=32).categories()
+    for stage, parted in ((1, {"optimizer_states"}), (2, {"optimizer_states", "gradients"}),
+                          (3, {"optimizer_states", "gradients", "weights"})):
+        four = estimate_memory("tiny", "baseline", batch_size=2, seq_len=32, world_size=4,
+                               zero_stage=stage).categories()
+        for cat, b in one.items():
+            assert four[cat] == (-(-b // 4) if cat in parted else b), (stage, cat)
+    with pytest.raises(ValueError, match="ZeRO stage"):
+        estimate_memory("tiny", {}, zero_stage=4)
