@@ -34,6 +34,7 @@ _BUILTIN_MODULES = (
     "hf_memkit.optim.adamw_8bit.technique",
     "hf_memkit.adapters.lora.technique",
     "hf_memkit.adapters.qlora.technique",
+    "hf_memkit.losses.cce.technique",
 )
 
 

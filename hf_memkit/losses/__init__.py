@@ -1,0 +1,1 @@
+"""Loss techniques (the recipe's ``loss`` slot): each replaces how the Trainer computes the training loss."""
