@@ -32,6 +32,9 @@ SLOTS: dict[str, bool] = {
 _BUILTIN_MODULES = (
     "hf_memkit.optim.adamw.technique",
     "hf_memkit.optim.adamw_8bit.technique",
+    "hf_memkit.optim.cosmos.technique",
+    "hf_memkit.optim.fira.technique",
+    "hf_memkit.optim.sst.technique",
     "hf_memkit.adapters.lora.technique",
     "hf_memkit.adapters.qlora.technique",
     "hf_memkit.losses.cce.technique",

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ..base import OptimizerTechnique
+from .config import CosmosConfig
+
+_NEEDS_WHOLE_MATRICES = "the update needs each hidden matrix whole; DeepSpeed/FSDP shard or flatten them"
+
+
+class CosmosTechnique(OptimizerTechnique):
+    name: ClassVar[str] = "cosmos"
+    config_cls = CosmosConfig
+    summary: ClassVar[str] = "COSMOS: SOAP in a rank-r eigensubspace + Muon on the rest (~0.6x AdamW state)"
+    reference: ClassVar[str] = "Liu et al. 2025; lliu606/COSMOS"
+    conflicts: ClassVar[dict[str, str]] = {
+        **OptimizerTechnique.conflicts,
+        "slot:distributed": _NEEDS_WHOLE_MATRICES,
+    }
+
+    def create_optimizer(self, model: Any, args: Any):
+        from .optimizer import Cosmos, cosmos_param_groups
+
+        hp = self.hyperparameters(args)
+        cfg = self.config
+        return Cosmos(cosmos_param_groups(model, hp["weight_decay"]), lr=hp["lr"], betas=cfg.betas, eps=cfg.eps,
+                      weight_decay=hp["weight_decay"], rank=cfg.rank, gamma=cfg.gamma, lr_ratio=cfg.lr_ratio,
+                      nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, ns_dtype=cfg.ns_dtype)
+
+    def estimate(self, mem: Any) -> None:
+        from ..common.targets import hidden_matrix_names
+        from .optimizer import cosmos_state_numel
+
+        hidden = hidden_matrix_names(mem.model)
+        matrices = other = 0
+        for p in mem.trainable():
+            if p.name in hidden and len(p.shape) == 2:
+                matrices += 4 * cosmos_state_numel(*p.shape, self.config.rank)
+            else:
+                other += 8 * p.numel
+        mem.add("optimizer_states", matrices, self.name, "hidden matrices: M + P + S + Vsq (fp32)")
+        mem.add("optimizer_states", other, self.name, "AdamW path: 2 fp32 moments")

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ...errors import IncompatibleModelError
+from ...technique import PatchHandle
+from ..base import OptimizerTechnique
+from .config import SSTConfig
+
+
+class SSTTechnique(OptimizerTechnique):
+    """Patches the model (Linear → SSTLinear) and builds the SST optimizer over it.
+
+    Saving: the layers' ``state_dict`` merges, so checkpoints hold a plain model (no ``finalize`` step is
+    needed and none is done: after ``train()`` the model stays factored and trainable; ``handle.remove()`` or
+    ``trainer.memkit.unpatch()`` swaps merged ``nn.Linear`` layers back in). This technique's checkpoint state
+    carries the factors and active sets, which a resume restores before the Trainer loads the merged weights
+    (those then match the factors and are kept as they are).
+    """
+
+    name: ClassVar[str] = "sst"
+    config_cls = SSTConfig
+    summary: ClassVar[str] = "Sparse Spectral Training: W = U·diag(Σ)·Vᵀ, all Σ + r sampled pairs train"
+    reference: ClassVar[str] = "Zhao et al., ICML 2025, arXiv 2405.15481"
+    conflicts: ClassVar[dict[str, str]] = {
+        **OptimizerTechnique.conflicts,
+        "slot:adapter": "SST re-parameterises the base Linear layers, which an adapter freezes and wraps",
+        "slot:distributed": "the re-SVD and column swaps need each layer whole; DeepSpeed/FSDP shard them",
+        "slot:compress": "compression expects nn.Linear layers; train with SST, save (the checkpoint is a plain "
+                         "model), then compress that checkpoint in a second recipe",
+    }
+
+    def __init__(self, config: SSTConfig | None = None):
+        super().__init__(config)
+        self.layers: dict[str, Any] = {}
+
+    def patch_model(self, model: Any) -> PatchHandle:
+        from .layer import factorize_linears_
+
+        cfg = self.config
+        handle = factorize_linears_(model, cfg.target_modules, cfg.rank, distribution=cfg.distribution,
+                                    seed=cfg.seed, key=f"optimizer.{self.name}")
+        self.layers = handle.layers
+        return handle
+
+    def create_optimizer(self, model: Any, args: Any):
+        from .layer import sst_layers
+        from .optimizer import SST, sst_param_groups
+
+        layers = sst_layers(model)
+        if not layers:
+            raise IncompatibleModelError(
+                "optimizer.sst: the model has no SST layers, so the recipe's patch did not run on it; build the "
+                "Trainer with MemkitTrainer(..., recipe=...) or apply_recipe(trainer, recipe), which patch first")
+        hp = self.hyperparameters(args)
+        cfg = self.config
+        return SST(sst_param_groups(model, hp["weight_decay"]), layers=layers, lr=hp["lr"], betas=cfg.betas,
+                   eps=cfg.eps, weight_decay=hp["weight_decay"], interval=cfg.interval,
+                   iteration_warmup=cfg.iteration_warmup, iterations_per_round=cfg.iterations_per_round,
+                   distribution=cfg.distribution, seed=cfg.seed)
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        from .layer import factor_state_dict
+
+        return factor_state_dict(self.layers)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .layer import load_factor_state_dict_
+
+        if state:
+            load_factor_state_dict_(self.layers, state)
+
+    # --- memory ----------------------------------------------------------------------------------------------
+    def estimate(self, mem: Any) -> None:
+        """Each factored weight becomes frozen buffers ((m+n)·(k−r) values + an int64 perm of k) plus trainable
+        Σ (k) and active pairs ((m+n)·r); the layer keeps its input for backward (∂Σ and the pairs need it);
+        Adam holds 2 fp32 moments per trainable element, the AdamW parameters' included."""
+        from ..common.targets import resolve_target_linears
+
+        cfg = self.config
+        for module, _ in resolve_target_linears(mem.model, cfg.target_modules, key=f"optimizer.{self.name}",
+                                                exact_type=True):
+            info = mem.param(f"{module}.weight")
+            if info is None or not info.trainable:
+                continue
+            m, n = info.shape
+            k = min(m, n)
+            r = min(cfg.rank, k)
+            info.trainable = False
+            mem.set_storage(info.name, mem.dtype_bytes * (m + n) * (k - r) + 8 * k, "SST frozen pairs + perm")
+            mem.add_param(f"{module}.sigma", (k,), trainable=True, category="weights")
+            mem.add_param(f"{module}.u_active", (m, r), trainable=True, category="weights")
+            mem.add_param(f"{module}.v_active", (n, r), trainable=True, category="weights")
+            mem.needs_input.add(module)
+        mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), self.name,
+                "2 fp32 moments for Σ, the active pairs and the AdamW parameters")
