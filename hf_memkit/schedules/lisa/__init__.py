@@ -1,0 +1,1 @@
+"""``schedule: [{lisa: {...}}]`` — Layerwise Importance Sampled AdamW with optimizer-state dropping."""

@@ -1,0 +1,239 @@
+"""LISA as a recipe technique: ``patch_model`` decides which parameters LISA owns (the decoder layers) and
+which always train, a callback switches the active layers at optimizer-step boundaries and drops the optimizer
+state of the layers it deactivates, and ``state_dict`` carries the active set and the sampler's RNG into every
+checkpoint.
+
+Why the optimizer is not rebuilt: the Trainer (or the recipe's optimizer technique) builds it once, before
+``on_train_begin``, from the parameters that require grad at that moment. LISA leaves every layer trainable until
+then, so every layer is in the optimizer's parameter groups; afterwards a frozen layer simply has no gradient
+(torch and bitsandbytes skip it: no update, no weight decay, bit-identical) and no state (deleted at the switch).
+The scheduler, the parameter groups and the optimizer object stay the same for the whole run, which is what
+keeps resuming exact.
+
+LISA trains the base weights in place, so ``remove()`` restores the ``requires_grad`` flags and keeps the
+training (like an optimizer technique), it does not bring back the pre-training values.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, ClassVar
+
+from ...errors import CheckpointError, IncompatibleModelError, RecipeError
+from ...technique import PatchHandle, Technique, ValidationContext
+from ..layers import num_hidden_layers, find_decoder_layers, resolve_always_train
+from ..optimizer_state import check_per_parameter_state, drop_state, optimized_parameters
+from ...memory.frozen_prefix import frozen_prefix_correction
+from .config import LisaConfig
+from .sampler import LayerSampler
+
+logger = logging.getLogger("hf_memkit")
+
+KEY = "schedule.lisa"
+
+
+class LisaTechnique(Technique):
+    name: ClassVar[str] = "lisa"
+    slot: ClassVar[str] = "schedule"
+    config_cls = LisaConfig
+    summary: ClassVar[str] = ("LISA: γ sampled decoder layers + embeddings/head train, re-drawn every K steps; "
+                              "state of inactive layers dropped")
+    reference: ClassVar[str] = "Pan et al. 2024; OptimalScale/LMFlow"
+    conflicts: ClassVar[dict[str, str]] = {
+        "slot:adapter": "an adapter freezes the base model and trains its own small tensors, so LISA would only "
+        "switch adapter tensors on and off; use LISA for full-parameter training or an adapter, not both",
+        "sparse_update": "both decide which parameters train",
+        "slot:distributed": "distributed engines keep parameters and optimizer state in flat buffers built "
+        "once (ZeRO-3, FSDP), so layers can neither be frozen nor have their state dropped step by step",
+        "training_args:deepspeed": "DeepSpeed builds flat parameter groups and optimizer partitions once; "
+        "LISA's per-step freezing and state dropping cannot reach them",
+        "training_args:fsdp": "FSDP flattens parameters into shards; per-layer freezing and state dropping "
+        "need the original parameters",
+    }
+
+    def __init__(self, config: LisaConfig | None = None):
+        super().__init__(config)
+        self._layer_params: list[list[Any]] = []  # per layer: the parameters LISA switches
+        self._always: list[Any] = []
+        self._sampler: LayerSampler | None = None
+        self._pending_sampler_state: Any = None
+        self._active: list[int] | None = None
+        self._drawn_at = -1
+        self._patched = False
+
+    # 1 ----------------------------------------------------------------------------------------------------------
+    def validate(self, ctx: ValidationContext) -> None:
+        n = num_hidden_layers(ctx.model_config) if ctx.model_config is not None else None
+        if n is not None and self.config.active_layers > n:
+            raise RecipeError(
+                f"active_layers={self.config.active_layers} but the model has only {n} decoder layers",
+                path=getattr(ctx.recipe, "source", None), key=f"{KEY}.active_layers",
+                fix=f"set active_layers to at most {n} (LISA trains a few of them at a time, typically 1-4)",
+            )
+
+    # 2 ----------------------------------------------------------------------------------------------------------
+    def estimate(self, mem: Any) -> None:
+        """Steady state: the always-trained parameters plus γ layers. Every layer has the same size, so which
+        γ does not matter for gradients and optimizer state; the bottom γ are marked, the worst case for
+        activations when the embeddings are frozen (the layers below the lowest active one save nothing)."""
+        layers = find_decoder_layers(mem.model, self.config.layers_attribute, KEY)
+        always = resolve_always_train(mem.model, layers, self.config.always_train, KEY)
+        gamma = min(self.config.active_layers, len(layers))
+        for name, p in mem.params.items():
+            if name in always:
+                continue
+            i = layers.layer_of.get(name)
+            p.trainable = p.trainable and i is not None and i < gamma
+        over = frozen_prefix_correction(mem, mem.model.config)
+        if over:
+            mem.add("activations", -over, self.name, "layers below the lowest active one save nothing")
+        mem.add("gradients", 0, self.name, f"steady state: {gamma} of {len(layers)} layers + always-trained")
+
+    # 3 ----------------------------------------------------------------------------------------------------------
+    def patch_model(self, model: Any) -> PatchHandle:
+        cfg = self.config
+        layers = find_decoder_layers(model, cfg.layers_attribute, KEY)
+        if cfg.active_layers > len(layers):
+            raise RecipeError(
+                f"active_layers={cfg.active_layers} but {type(model).__name__} has {len(layers)} decoder layers",
+                key=f"{KEY}.active_layers", fix=f"set active_layers to at most {len(layers)}",
+            )
+        if cfg.active_layers == len(layers):
+            warnings.warn(
+                f"{KEY}: active_layers={cfg.active_layers} equals the number of decoder layers, so every layer "
+                "trains at every step (a plain full fine-tune); lower active_layers to save memory",
+                stacklevel=2,
+            )
+        always = resolve_always_train(model, layers, cfg.always_train, KEY)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        per_layer: list[list[Any]] = [[] for _ in range(len(layers))]
+        always_params, frozen = [], []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen by the user: LISA leaves it alone
+            if n in always:
+                always_params.append(p)
+            elif n in layers.layer_of:
+                per_layer[layers.layer_of[n]].append(p)  # stays trainable until on_train_begin (see module doc)
+            else:
+                frozen.append(p)
+        if not always_params and not any(per_layer):
+            raise IncompatibleModelError(
+                f"{KEY}: no parameter of {type(model).__name__} requires grad, so LISA has nothing to train; "
+                "unfreeze the model (or the parts named in always_train) before applying the recipe"
+            )
+        for p in frozen:
+            p.requires_grad_(False)
+        self._layer_params, self._always, self._patched = per_layer, always_params, True
+        self._sampler = LayerSampler(len(layers), cfg.active_layers)
+        if self._pending_sampler_state is not None:
+            self._sampler.set_state(self._pending_sampler_state)
+
+        def undo():
+            for n, p in model.named_parameters():
+                if n in flags:
+                    p.requires_grad_(flags[n])
+            self._layer_params, self._always, self._patched = [], [], False
+            return model
+
+        return PatchHandle(model, undo)
+
+    # 6 ----------------------------------------------------------------------------------------------------------
+    def callbacks(self) -> list:
+        from .callback import LisaCallback
+
+        return [LisaCallback(self)]
+
+    def on_train_begin(self, args: Any, state: Any, optimizer: Any) -> None:
+        if not self._patched:
+            raise IncompatibleModelError(
+                f"{KEY}: the model was not patched by this technique; apply the recipe with "
+                "MemkitTrainer(..., recipe=...) or hf_memkit.apply_recipe(trainer, recipe)"
+            )
+        _check_engine(args)
+        if optimizer is not None:
+            if self.config.drop_optimizer_state:
+                check_per_parameter_state(optimizer, KEY)
+            held = optimized_parameters(optimizer)
+            missing = [i for i, ps in enumerate(self._layer_params) if any(id(p) not in held for p in ps)]
+            if missing:
+                raise RecipeError(
+                    f"the optimizer does not hold the parameters of decoder layers {missing[:8]}"
+                    f"{' ...' if len(missing) > 8 else ''}; LISA switches layers on during training, so every "
+                    "layer must be in the optimizer from the start",
+                    key=KEY,
+                    fix="let the Trainer or the recipe's optimizer technique build the optimizer, or build yours "
+                    "over every parameter that requires grad after the recipe is applied",
+                )
+        if not self._sampler.started:
+            self._sampler.seed(self.config.seed if self.config.seed is not None else args.seed)
+        if self._active is None:
+            self._active, self._drawn_at = self._sampler.draw(), state.global_step
+        self._apply(self._active, optimizer)
+
+    def on_step_begin(self, state: Any, optimizer: Any) -> None:
+        step = state.global_step
+        if step % self.config.interval == 0 and step != self._drawn_at:
+            self._active, self._drawn_at = self._sampler.draw(), step
+            self._apply(self._active, optimizer)
+
+    def _apply(self, active: list[int], optimizer: Any) -> None:
+        on = set(active)
+        for i, params in enumerate(self._layer_params):
+            for p in params:
+                if p.requires_grad != (i in on):
+                    p.requires_grad_(i in on)
+                if i not in on:
+                    p.grad = None
+        if optimizer is not None and self.config.drop_optimizer_state:
+            drop_state(optimizer, (p for i, ps in enumerate(self._layer_params) if i not in on for p in ps))
+        logger.info("hf_memkit: lisa: layers %s train from step %d", active, self._drawn_at)
+
+    @property
+    def active_layers(self) -> list[int] | None:
+        return list(self._active) if self._active is not None else None
+
+    # 7 ----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        sampler = self._sampler.get_state() if self._sampler is not None else torch.empty(0, dtype=torch.uint8)
+        return {"active_layers": list(self._active or []), "drawn_at_step": self._drawn_at,
+                "sampler_state": sampler}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            active = [int(i) for i in state["active_layers"]]
+            drawn_at = int(state["drawn_at_step"])
+            sampler = state["sampler_state"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{KEY}: the saved LISA state is incomplete ({exc}); resume from a checkpoint "
+                                  "written by this version of hf_memkit") from None
+        n = len(self._layer_params) or None
+        gamma = min(self.config.active_layers, n) if n else self.config.active_layers
+        if active and (len(active) != gamma or (n is not None and max(active) >= n)):
+            raise CheckpointError(
+                f"{KEY}: the checkpoint's active layers {active} do not fit active_layers={self.config.active_layers}"
+                f"{f' on a {n}-layer model' if n else ''}; resume with the recipe the checkpoint was written with"
+            )
+        self._active = active or None
+        self._drawn_at = drawn_at
+        self._pending_sampler_state = sampler
+        if self._sampler is not None:
+            self._sampler.set_state(sampler)
+
+
+def _check_engine(args: Any) -> None:
+    """Engines configured outside the recipe (command-line flags) are caught here, before the first step."""
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        raise RecipeError(
+            "LISA cannot run under DeepSpeed or FSDP: they keep parameters and optimizer state in flat buffers, "
+            "so layers can neither be frozen nor have their state dropped step by step",
+            key=KEY, fix="train on one device (or with DDP) without --deepspeed/--fsdp, or drop lisa",
+        )
+    if getattr(args, "world_size", 1) > 1 and not getattr(args, "ddp_find_unused_parameters", None):
+        raise RecipeError(
+            "under DDP the frozen layers produce no gradient, which DDP treats as an error by default",
+            key=KEY, fix="set ddp_find_unused_parameters=True (training_args or --ddp_find_unused_parameters true)",
+        )
