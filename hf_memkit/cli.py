@@ -6,6 +6,8 @@
     memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N [--zero-stage S]]
                     [--json] [--plot PNG]
     memkit compare  RECIPE... [--model M] [--steps N] [--json] [--plot PNG]
+    memkit compress MODEL --recipe FILE -o DIR        (MODEL: tiny | smollm2 | PATH)
+    memkit export   DIR [--push-to-hub REPO]
     memkit recipes  list | explain FILE | validate FILE...
 """
 
@@ -75,6 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", default=None, metavar="PNG", help="also write a bar chart")
     c.add_argument("--workdir", default=None, help="keep each run's output here (default: a temp folder)")
 
+    q = sub.add_parser("compress", help="run a recipe's compress: techniques without training and export the result",
+                       description="Quantize MODEL with the recipe's compress: list (calibrating on the embedded "
+                       "corpus) and write its export: (default compressed-tensors) into DIR, with a model card.")
+    q.add_argument("model", metavar="MODEL", help="tiny | smollm2 | PATH to a local HF folder")
+    q.add_argument("--recipe", required=True, help="recipe YAML file or bundled name with a compress: slot")
+    q.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="folder that receives the export")
+    q.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="skip the perplexity evaluations before and after")
+
+    x = sub.add_parser("export", help="check an exported folder, refresh its model card, optionally push it",
+                       description="DIR is an export (memkit compress -o DIR) or a run's output directory holding "
+                       "one in export/. Checks it, rewrites README.md, and uploads it with --push-to-hub.")
+    x.add_argument("dir", metavar="DIR")
+    x.add_argument("--push-to-hub", default=None, metavar="REPO", help="Hub repository id (user/name) to upload to")
+    x.add_argument("--private", action="store_true", help="create the Hub repository as private")
+
     rc = sub.add_parser("recipes", help="list, explain or validate recipes")
     rsub = rc.add_subparsers(dest="recipes_command", metavar="ACTION")
     rsub.add_parser("list", help="registered techniques and bundled recipes")
@@ -107,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(ns)
         if ns.command == "recipes":
             return _recipes(ns, parser)
+        if ns.command == "compress":
+            return _compress(ns)
+        if ns.command == "export":
+            return _export(ns)
     except RecipeError as exc:
         print(f"memkit: invalid recipe\n{exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -122,6 +144,38 @@ def _train(ns: argparse.Namespace, extra: list[str]) -> int:
 
     train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps, max_seq_len=ns.max_seq_len,
                        output_dir=ns.output_dir, extra=extra, eval_before=ns.eval_before))
+    return EXIT_OK
+
+
+def _compress(ns: argparse.Namespace) -> int:
+    from .quant.oneshot import compress
+
+    s = compress(ns.model, ns.recipe, ns.output_dir, evaluate=ns.evaluate)
+    before, after = s["perplexity_before"], s["perplexity_after"]
+    ppl = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "(not measured)"
+    print(f"memkit compress: {', '.join(s['techniques'])} -> {s['format']} in {s['output_dir']}")
+    print(f"  perplexity (eval)  {ppl}")
+    print(f"  size on disk       {s['bytes_on_disk'] / 2**20:.2f} MiB")
+    print(f"  time               {s['seconds']:.1f} s")
+    return EXIT_OK
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from .integrations.export import check_export_dir
+
+    folder, info = check_export_dir(ns.dir, repo_id=ns.push_to_hub)
+    print(f"memkit export: {folder} ({info['format']}, {info['bytes_on_disk'] / 2**20:.2f} MiB of weights)")
+    if ns.push_to_hub:
+        from .integrations.hub import push_to_hub
+
+        try:
+            pushed = push_to_hub(folder, ns.push_to_hub, private=ns.private or None)
+        except Exception as exc:  # huggingface_hub raises many types (auth, HTTP, offline); all mean the same here
+            print(f"memkit: pushing {folder} to {ns.push_to_hub} failed: {type(exc).__name__}: {exc}\n"
+                  "  fix: log in with `huggingface-cli login` (or set HF_TOKEN), check the repo id, and unset "
+                  "HF_HUB_OFFLINE", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"  pushed {len(pushed['files'])} files to {pushed['repo_id']}: {pushed['commit']}")
     return EXIT_OK
 
 

@@ -36,12 +36,21 @@ TOP_KEYS = ("memkit", "description", *registry.SLOTS, "export", "training_args")
 
 
 class ExportConfig(BaseModel):
-    """``export:`` — what ``finalize`` writes after training. ``safetensors`` is a plain HF folder (adapters
-    merged when ``merge_adapters``); richer formats arrive with the compression issues."""
+    """``export:`` — what ``finalize`` writes after training (and ``memkit compress`` / ``memkit export``).
+
+    ``safetensors`` is a plain HF folder (adapters merged when ``merge_adapters``; layers quantized by a
+    ``compress`` technique written dequantized). ``compressed-tensors`` is a ``pack-quantized`` checkpoint of the
+    layers a ``compress`` technique quantized, loadable by plain ``AutoModelForCausalLM.from_pretrained`` with the
+    ``compressed-tensors`` package installed; LoRC factors go beside it as a PEFT LoRA adapter (``lorc_adapter/``),
+    never merged (that would leave the integer grid), and a README.md model card records the recipe, the technique
+    versions and the measured perplexity and size.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    format: Literal["safetensors"] = Field("safetensors", description="checkpoint format of the export")
-    merge_adapters: bool = Field(True, description="merge LoRA-style adapters into the base weights")
+    format: Literal["safetensors", "compressed-tensors"] = Field(
+        "safetensors", description="checkpoint format of the export: safetensors | compressed-tensors"
+    )
+    merge_adapters: bool = Field(True, description="merge LoRA-style adapters into the base weights (safetensors)")
     dir: str = Field("export", description="folder under output_dir that receives the export")
 
 

@@ -40,6 +40,10 @@ _BUILTIN_MODULES = (
     "hf_memkit.losses.cce.technique",
     "hf_memkit.schedules.lisa.technique",
     "hf_memkit.schedules.sparse_update.technique",
+    "hf_memkit.quant.rtn.technique",
+    "hf_memkit.quant.gptq.technique",
+    "hf_memkit.quant.lorc.technique",
+    "hf_memkit.quant.efficientqat.technique",
 )
 
 

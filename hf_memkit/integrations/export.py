@@ -1,17 +1,50 @@
-"""``export: {format: safetensors}``: a plain HF folder that ``from_pretrained`` loads, adapters merged."""
+"""``export:`` — what a run leaves for ``from_pretrained`` and the Hub.
+
+* ``format: safetensors``: a plain HF folder; adapters merged (``merge_adapters``); layers quantized by a
+  ``compress`` technique are written as their dequantized values (LoRC folded in), which loads anywhere and
+  saves nothing.
+* ``format: compressed-tensors``: a ``pack-quantized`` checkpoint (:mod:`.compressed_tensors`), the LoRC factors
+  as a PEFT LoRA adapter in ``lorc_adapter/`` (:mod:`.lorc_adapter`), the tokenizer, and a model card with the
+  recipe, the technique versions and the measured perplexity and size (:mod:`.hub`).
+
+:func:`export_model` dispatches on the format. ``RecipeRuntime.finalize`` still calls :func:`export_safetensors`
+whatever the format, so for ``compressed-tensors`` the last compress technique writes the export itself and marks
+the model, and :func:`export_safetensors` then leaves that folder alone (once). When the runtime calls
+:func:`export_model` with the recipe's ``ExportConfig``, the technique's own export call can go.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 logger = logging.getLogger("hf_memkit")
+
+_MARK = "_memkit_exported"
+
+
+def export_model(model: Any, out_dir: str, config: Any = None, *, recipe: Any = None, tokenizer: Any = None,
+                 metrics: dict[str, Any] | None = None, model_card: bool = True) -> str:
+    """Export ``model`` into ``out_dir`` as ``config`` (an :class:`~hf_memkit.recipe.ExportConfig`) says;
+    ``model_card=False`` skips the README (and the perplexity it measures)."""
+    from ..recipe import ExportConfig
+
+    config = config if config is not None else ExportConfig()
+    if config.format == "compressed-tensors":
+        return export_compressed_tensors(model, out_dir, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
+                                         model_card=model_card)
+    return export_safetensors(model, out_dir, merge_adapters=config.merge_adapters)
 
 
 def export_safetensors(model: Any, out_dir: str, *, merge_adapters: bool = True) -> str:
     from peft import PeftModel
 
+    if getattr(model, _MARK, None) == (os.path.abspath(out_dir), "compressed-tensors"):
+        delattr(model, _MARK)  # one export per mark: a later call writes again
+        logger.info("hf_memkit: %s already holds this run's compressed-tensors export", out_dir)
+        return out_dir
     target = model
     if isinstance(model, PeftModel):
         if merge_adapters and not _has_quantized_base(model):
@@ -19,10 +52,153 @@ def export_safetensors(model: Any, out_dir: str, *, merge_adapters: bool = True)
         else:
             if merge_adapters:
                 logger.warning("hf_memkit: the base is 4-bit; exporting the adapter beside it instead of merging")
+    from ..quant.linear import quantized_modules
+
+    if quantized_modules(target):
+        target.save_pretrained(out_dir, state_dict=dense_state_dict(target), safe_serialization=True)
+        logger.info("hf_memkit: exported %s to %s with its quantized layers dequantized (format: safetensors; use "
+                    "format: compressed-tensors for a packed checkpoint)", type(target).__name__, out_dir)
+        return out_dir
     target.save_pretrained(out_dir, safe_serialization=True)
     logger.info("hf_memkit: exported %s to %s", type(target).__name__, out_dir)
     return out_dir
 
 
+def dense_state_dict(model: Any) -> dict[str, Any]:
+    """The state dict a plain model with the same outputs has: quantized layers as their dequantized weight,
+    with any LoRC branch folded in (``Ŵ + AB``)."""
+    from ..quant.linear import lorc_factors, quantized_modules
+
+    state = model.state_dict()
+    for name, module, qw in quantized_modules(model):
+        for local in ("weight_codes", "weight_scale", "weight_zero_point"):
+            state.pop(f"{name}.{local}", None)
+        w = qw.dequantize()
+        f = lorc_factors(module)
+        if f is not None:
+            w = (w.double() + f[0].double() @ f[1].double()).to(w.dtype)
+        state[f"{name}.weight"] = w.contiguous()
+    return state
+
+
 def _has_quantized_base(model: Any) -> bool:
     return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.base_model.modules())
+
+
+def dense_bytes(model: Any) -> int:
+    """Bytes of the model's weights in its own dtype without any quantization (tied tensors once)."""
+    import torch
+
+    from ..quant.linear import quantized_modules
+
+    # training-time quantized layers (E2E-QP) hold codes and scales instead of a weight: count the weight
+    packed = {n: qw for n, m, qw in quantized_modules(model) if type(m) is not torch.nn.Linear}
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        module, _, local = name.rpartition(".")
+        if id(p) in seen or (module in packed and local != "bias"):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total + sum(qw.codes.numel() * qw.scale.element_size() for qw in packed.values())
+
+
+def export_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, tokenizer: Any = None,
+                              metrics: dict[str, Any] | None = None, model_card: bool = True) -> str:
+    import compressed_tensors
+
+    from .. import __version__
+    from ..quant.linear import quantized_modules
+    from .compressed_tensors import write_checkpoint
+    from .hub import folder_bytes, write_card
+    from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
+
+    written = write_checkpoint(model, out_dir)
+    lorc = write_lorc_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    metrics = dict(metrics or {})
+    metrics.setdefault("bytes_full_precision", dense_bytes(model))
+    metrics["bytes_on_disk"] = folder_bytes(out_dir) - folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
+    if lorc is not None:
+        lorc["subfolder"] = ADAPTER_DIR
+        lorc["bytes_on_disk"] = folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
+    if model_card:
+        if "perplexity" not in metrics and tokenizer is not None:
+            from ..quant.evaluate import EVAL_BLOCKS, EVAL_SEQ_LEN, corpus_perplexity
+
+            metrics["perplexity"] = corpus_perplexity(model, tokenizer)
+            metrics.setdefault("perplexity_note", f"Perplexity: {EVAL_BLOCKS} blocks of {EVAL_SEQ_LEN} tokens of "
+                               "the eval split of hf_memkit's embedded corpus (Python reference text), "
+                               + ("with" if lorc else "without") + " the LoRC adapter.")
+        info = card_info(model, recipe, "compressed-tensors", metrics, written, lorc)
+        info["compressed_tensors_version"] = compressed_tensors.__version__
+        info["hf_memkit_version"] = __version__
+        write_card(out_dir, info)
+    setattr(model, _MARK, (os.path.abspath(out_dir), "compressed-tensors"))
+    logger.info("hf_memkit: compressed-tensors export in %s (%d quantized layers%s)", out_dir,
+                len(quantized_modules(model)), f", LoRC adapter r{lorc['rank']}" if lorc else "")
+    return out_dir
+
+
+def card_info(model: Any, recipe: Any, fmt: str, metrics: dict[str, Any], written: dict[str, Any],
+              lorc: dict[str, Any] | None) -> dict[str, Any]:
+    from .. import registry
+
+    techniques = []
+    recipe_yaml = None
+    if recipe is not None:
+        recipe_yaml = recipe.to_yaml()
+        for spec in recipe.techniques:
+            entry = registry.get(spec.name)
+            techniques.append({"name": spec.name, "slot": spec.slot,
+                               "version": entry.technique_cls.version if entry else "?",
+                               "settings": spec.config.model_dump(mode="json")})
+    groups = written.get("groups", {})
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return {"model_name": os.path.basename(str(name).rstrip("/")) or str(name), "format": fmt,
+            "summary": ", ".join(groups) + (f" + LoRC r{lorc['rank']}" if lorc else ""),
+            "techniques": techniques, "recipe_yaml": recipe_yaml, "metrics": metrics,
+            "quantized_layers": len(written.get("quantized_layers", [])), "groups": groups, "lorc": lorc}
+
+
+def check_export_dir(path: str, *, repo_id: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``memkit export DIR``: find the export in ``DIR`` (or ``DIR/export``), check that its config and weight
+    files are complete, and rewrite its model card (naming ``repo_id`` in the usage snippet when given)."""
+    import json
+
+    from ..errors import ModelSourceError
+    from .hub import folder_bytes, read_export_info, write_card
+    from .lorc_adapter import ADAPTER_DIR
+
+    folder = next((c for c in (path, os.path.join(path, "export"))
+                   if os.path.isfile(os.path.join(c, "config.json"))), None)
+    if folder is None:
+        raise ModelSourceError(
+            f"{path} holds no exported model (no config.json in it or in {os.path.join(path, 'export')}); write one "
+            f"with `memkit compress MODEL --recipe r.yaml -o {path}`, or train with an `export:` section"
+        )
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+        raise ModelSourceError(f"{folder} is incomplete: {', '.join(missing)} missing; export it again")
+    qc = config.get("quantization_config") or {}
+    fmt = "compressed-tensors" if qc.get("quant_method") == "compressed-tensors" else (
+        qc.get("quant_method") or "safetensors")
+    info = read_export_info(folder) or {"format": fmt, "techniques": [], "metrics": {},
+                                        "model_name": os.path.basename(os.path.abspath(folder))}
+    info["format"] = fmt
+    info.setdefault("metrics", {})["bytes_on_disk"] = (
+        folder_bytes(folder) - folder_bytes(os.path.join(folder, ADAPTER_DIR)))
+    info["bytes_on_disk"] = info["metrics"]["bytes_on_disk"]
+    if repo_id:
+        info["repo_id"] = repo_id
+    write_card(folder, info)
+    return folder, info

@@ -1,0 +1,1 @@
+"""See the config module for the recipe key, the paper and when (not) to use it."""

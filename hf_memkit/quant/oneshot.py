@@ -1,0 +1,136 @@
+"""``memkit compress MODEL --recipe r.yaml -o DIR``: run a recipe's ``compress:`` list without a training run
+and write the export (the recipe's ``export:``, compressed-tensors when it has none) into ``DIR``.
+
+Calibration text is the embedded corpus (train split); perplexity before and after is measured on its eval
+split. A recipe with ``e2e_qp`` does train: E2E-QP *is* a training run (of the scales only), done here on the
+embedded corpus with the recipe's ``training_args`` (defaults: 50 steps, batch 4 x 256 tokens, the paper's
+learning rate for the bit width).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from ..errors import RecipeError
+from .base import REPORT_FILE, Plan
+
+E2E_DEFAULTS = {"max_steps": 50, "per_device_train_batch_size": 4, "lr_scheduler_type": "cosine",
+                "warmup_steps": 0.03, "max_grad_norm": 0.3, "logging_steps": 10, "save_strategy": "no",
+                "report_to": [], "seed": 0, "dataloader_pin_memory": False}
+E2E_SEQ_LEN = 256
+
+
+def check_recipe(recipe: Any) -> Plan:
+    """Static checks for a compress-only run (no model is touched)."""
+    if not recipe.slot("compress"):
+        raise RecipeError("the recipe has no `compress:` techniques, so there is nothing to compress",
+                          path=recipe.source, key="compress",
+                          fix="add e.g. `compress: [{gptq: {bits: 4, group_size: 128}}]`")
+    plan = Plan.from_recipe(recipe)
+    if plan.quantizer is not None and plan.e2e is None:
+        name, cfg = plan.quantizer
+        if getattr(cfg, "calibration", None) == "train":
+            raise RecipeError(
+                "calibration: train needs a training run's data; `memkit compress` has none",
+                path=recipe.source, key=f"compress.{name}.calibration",
+                fix="use calibration: auto or corpus (the embedded corpus)",
+            )
+    return plan
+
+
+def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True, log=print) -> dict[str, Any]:
+    from ..recipe import ExportConfig, load_recipe
+
+    recipe = load_recipe(recipe)
+    plan = check_recipe(recipe)  # a bad recipe stops here, before any model loads
+    from ..data.models import resolve_model_path
+
+    path = resolve_model_path(model)
+
+    from ..data.models import load_model_and_tokenizer
+    from ..integrations.export import export_model
+    from ..technique import ValidationContext
+    from .evaluate import corpus_perplexity
+    from .pipeline import quantize_model_
+
+    net, tok = load_model_and_tokenizer(str(path))
+    techniques = recipe.build()
+    ctx = ValidationContext(recipe, net.config, dict(recipe.training_args))
+    for t in techniques:  # model checks (no Linear, group size vs widths) before any work
+        t.validate(ctx)
+    log(f"hf_memkit: compressing {model} ({path}) with {', '.join(plan.names)}")
+    t0 = time.perf_counter()
+    ppl_fp = corpus_perplexity(net, tok) if evaluate else None
+    if ppl_fp is not None:
+        log(f"hf_memkit: eval perplexity before: {ppl_fp:.3f}")
+    if plan.e2e is None:
+        qname, qcfg = plan.quantizer_or_default()
+        calib = None
+        if qname in ("gptq", "block_ap"):
+            from .calibration import from_corpus
+
+            calib = from_corpus(tok, qcfg.num_samples, qcfg.seq_len)
+            log(f"hf_memkit: calibration: {calib.describe()}")
+        report = quantize_model_(net, qname, qcfg, lorc=plan.lorc, calibration=calib).to_dict()
+    else:
+        net, report = _train_e2e(net, tok, recipe, plan, log)
+    seconds = time.perf_counter() - t0
+    ppl_q = corpus_perplexity(net, tok) if evaluate else None
+    if ppl_q is not None:
+        log(f"hf_memkit: eval perplexity after: {ppl_q:.3f}")
+    export = recipe.export if recipe.export is not None else ExportConfig(format="compressed-tensors")
+    metrics = {"perplexity_full_precision": ppl_fp, "perplexity": ppl_q}
+    if ppl_q is not None:
+        from .evaluate import EVAL_BLOCKS, EVAL_SEQ_LEN
+
+        metrics["perplexity_note"] = (f"Perplexity: {EVAL_BLOCKS} blocks of {EVAL_SEQ_LEN} tokens of the eval split "
+                                      "of hf_memkit's embedded corpus (Python reference text)"
+                                      + (", with the LoRC adapter." if plan.lorc is not None else "."))
+    export_model(net, output_dir, export, recipe=recipe, tokenizer=tok, metrics=metrics)
+    if export.format == "safetensors":
+        tok.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, REPORT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"techniques": plan.names, "pass": report}, f, indent=1)
+    from ..integrations.hub import folder_bytes
+
+    summary = {"model": model, "recipe": recipe.source, "techniques": plan.names, "format": export.format,
+               "output_dir": output_dir, "seconds": round(seconds, 1), "perplexity_before": ppl_fp,
+               "perplexity_after": ppl_q, "bytes_on_disk": folder_bytes(output_dir)}
+    return summary
+
+
+def _train_e2e(net: Any, tok: Any, recipe: Any, plan: Plan, log) -> tuple[Any, dict]:
+    """The E2E-QP run: the recipe (quantizer before training, then scales-only training) on the corpus."""
+    from transformers import TrainingArguments, default_data_collator
+
+    from ..data.corpus import block_dataset, split_topics
+    from ..integrations.memkit_trainer import MemkitTrainer
+
+    qname, qcfg = plan.quantizer_or_default()
+    args = dict(E2E_DEFAULTS, learning_rate=2e-5 if qcfg.bits == 2 else 1e-5)
+    args.update(recipe.training_args)
+    run_recipe = dataclasses.replace(recipe, export=None)  # the export goes to output_dir, written by the caller
+    train_texts, _ = split_topics()
+    with tempfile.TemporaryDirectory(prefix="memkit-e2e-") as tmp:
+        targs = TrainingArguments(output_dir=tmp, disable_tqdm=True, **args)
+        blocks = targs.max_steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+        data = block_dataset(train_texts, tok, E2E_SEQ_LEN, max_blocks=max(blocks, 1))
+        log(f"hf_memkit: e2e_qp: {targs.max_steps} steps x {targs.per_device_train_batch_size} x {E2E_SEQ_LEN} "
+            f"tokens, learning rate {targs.learning_rate:g}")
+        trainer = MemkitTrainer(model=net, args=targs, train_dataset=data, data_collator=default_data_collator,
+                                processing_class=tok, recipe=run_recipe)
+        trainer.train()
+        report_path = os.path.join(tmp, REPORT_FILE)
+        report = {}
+        if os.path.isfile(report_path):
+            with open(report_path, encoding="utf-8") as f:
+                report = json.load(f).get("pass") or {}
+        report["e2e_qp"] = {"steps": trainer.state.global_step,
+                            "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h),
+                                               None)}
+    return trainer.model, report
