@@ -150,7 +150,7 @@ def card_info(model: Any, recipe: Any, fmt: str, metrics: dict[str, Any], writte
     if recipe is not None:
         recipe_yaml = recipe.to_yaml()
         for spec in recipe.techniques:
-            entry = registry.get(spec.name)
+            entry = registry.get(spec.name, spec.slot)
             techniques.append({"name": spec.name, "slot": spec.slot,
                                "version": entry.technique_cls.version if entry else "?",
                                "settings": spec.config.model_dump(mode="json")})
