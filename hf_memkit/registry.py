@@ -42,6 +42,8 @@ _BUILTIN_MODULES = (
     "hf_memkit.optim.sst.technique",
     "hf_memkit.adapters.lora.technique",
     "hf_memkit.adapters.qlora.technique",
+    "hf_memkit.adapters.mixlora.technique",
+    "hf_memkit.adapters.lorc.technique",
     "hf_memkit.losses.cce.technique",
     "hf_memkit.schedules.lisa.technique",
     "hf_memkit.schedules.sparse_update.technique",
