@@ -82,3 +82,11 @@ class MixLoraModel(BaseTuner):
             "MixLoRA experts are chosen per token, so the adapter cannot be merged into the base weights; keep it "
             "as an adapter (save_pretrained / PeftModel.from_pretrained)"
         )
+
+    def _replace_module(self, parent: Any, child_name: str, new_module: Any, child: Any) -> None:
+        # an FFN has no single weight for PEFT's device/weight bookkeeping: the MoE layer already sits on the
+        # FFN's device, and unloading puts the untouched FFN module back as it was
+        if isinstance(new_module, MixLoraFFN) or isinstance(child, MixLoraFFN):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
