@@ -3,6 +3,7 @@ save/load (also in a fresh process), training, generation and bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -206,3 +207,11 @@ def test_bad_input_gives_typed_errors(tiny_model):
         get_peft_model(tiny_model, hf_memkit.MixLoraConfig(ffn_modules="ffn"))
     with pytest.raises(IncompatibleModelError, match="not an FFN MixLoRA supports"):
         get_peft_model(tiny_model, hf_memkit.MixLoraConfig(ffn_modules="self_attn"))
+
+
+def test_safetensors_export_keeps_the_adapter(tiny_model, tmp_path):
+    from hf_memkit.integrations.export import export_safetensors
+
+    pm = _peft(tiny_model)
+    export_safetensors(pm, str(tmp_path / "export"), merge_adapters=True)
+    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["peft_type"] == "MIXLORA"
