@@ -25,6 +25,8 @@ _LAZY = {
     "MemkitTrainer": ("hf_memkit.integrations.memkit_trainer", "MemkitTrainer"),
     "MemkitTrainingArguments": ("hf_memkit.integrations.memkit_trainer", "MemkitTrainingArguments"),
     "estimate_memory": ("hf_memkit.memory.estimate", "estimate_memory"),
+    "MixLoraConfig": ("hf_memkit.adapters.mixlora.peft_config", "MixLoraConfig"),
+    "LorcConfig": ("hf_memkit.adapters.lorc.peft_config", "LorcConfig"),
 }
 
 __all__ = [
@@ -36,7 +38,14 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from .integrations.memkit_trainer import MemkitTrainer, MemkitTrainingArguments
     from .integrations.trainer import apply_recipe
+    from .adapters.lorc.peft_config import LorcConfig
+    from .adapters.mixlora.peft_config import MixLoraConfig
     from .memory.estimate import estimate_memory
+
+# MIXLORA and LORC become PEFT adapter types as soon as peft is imported (now, if it already is)
+from .integrations.peft_types import install_import_hook as _install_peft_types
+
+_install_peft_types()
 
 
 def __getattr__(name: str) -> Any:

@@ -61,7 +61,7 @@ class TechniqueSpec:
     config: TechniqueConfig
 
     def build(self) -> Technique:
-        return registry.get(self.name).technique_cls(self.config.model_copy(deep=True))
+        return registry.get(self.name, self.slot).technique_cls(self.config.model_copy(deep=True))
 
 
 @dataclass
@@ -195,9 +195,9 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
     for key in data:
         if key not in TOP_KEYS:
             hint = _suggest(key, TOP_KEYS)
-            if registry.get(str(key)) is not None:
-                entry = registry.get(str(key))
-                hint = f"{key!r} is a technique of slot {entry.slot!r}: write it under `{entry.slot}:`"
+            slots = registry.slots_of(str(key))
+            if slots:
+                hint = f"{key!r} is a technique of slot {slots[0]!r}: write it under `{slots[0]}:`"
             raise RecipeError(
                 f"unknown top-level key {key!r}",
                 path=where,
@@ -293,8 +293,9 @@ def _parse_slot(slot: str, many: bool, value: Any, where: str) -> list[Technique
                 fix=f"write `- name: {{...}}` for each entry of `{slot}`",
             )
         (name, params), = item.items()
-        entry = registry.get(str(name))
-        if entry is None:
+        entry = registry.get(str(name), slot)
+        elsewhere = registry.slots_of(str(name))
+        if entry is None and not elsewhere:
             known = registry.names(slot)
             hint = _suggest(name, registry.names())
             failed = registry.PLUGIN_FAILURES.get(str(name))
@@ -307,12 +308,12 @@ def _parse_slot(slot: str, many: bool, value: Any, where: str) -> list[Technique
                 fix=(hint + " " if hint else "")
                 + (f"known {slot} techniques: {', '.join(known)}" if known else f"no {slot} technique is registered yet"),
             )
-        if entry.slot != slot:
+        if entry is None:
             raise RecipeError(
-                f"{name!r} is a {entry.slot!r} technique, not a {slot!r} one",
+                f"{name!r} is a {elsewhere[0]!r} technique, not a {slot!r} one",
                 path=where,
                 key=_join(ipath, name),
-                fix=f"move it under `{entry.slot}:`",
+                fix=f"move it under `{elsewhere[0]}:`",
             )
         if any(s.name == name for s in specs):
             raise RecipeError(
@@ -487,7 +488,7 @@ def _present(recipe: Recipe, ref: str) -> bool:
 def check_compatibility(recipe: Recipe) -> None:
     """Raise a RecipeError for the first declared conflict or unmet requirement between the techniques."""
     for spec in recipe.techniques:
-        cls = registry.get(spec.name).technique_cls
+        cls = registry.get(spec.name, spec.slot).technique_cls
         key = f"{spec.slot}.{spec.name}"
         for ref, reason in cls.conflicts.items():
             if ref != spec.name and _present(recipe, ref):

@@ -1,8 +1,13 @@
-"""The ONE table of techniques: name -> (slot, config class, technique class).
+"""The ONE table of techniques: (slot, name) -> (config class, technique class).
 
 Built-in techniques register when the table is first read; third-party packages add theirs through the
 entry-point group ``hf_memkit.techniques`` (the entry point names a :class:`~hf_memkit.technique.Technique`
-subclass). Duplicate names are an error, wherever they come from.
+subclass). Duplicate names within a slot are an error, wherever they come from.
+
+A name may live in two slots when it is the same method seen from two sides: ``compress: [{lorc: ...}]`` (the
+post-training pass) and ``adapter: {lorc: ...}`` (the trainable PEFT adapter). Recipes always name the slot, so
+they are never ambiguous; :func:`get` without a slot raises for such a name (pass ``slot=``). This departs from
+DESIGN.md's "one name, one entry" only for names that appear in several slots.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ _BUILTIN_MODULES = (
     "hf_memkit.optim.sst.technique",
     "hf_memkit.adapters.lora.technique",
     "hf_memkit.adapters.qlora.technique",
+    "hf_memkit.adapters.mixlora.technique",
+    "hf_memkit.adapters.lorc.technique",
     "hf_memkit.losses.cce.technique",
     "hf_memkit.schedules.lisa.technique",
     "hf_memkit.schedules.sparse_update.technique",
@@ -56,7 +63,8 @@ class Entry:
     origin: str  # "builtin", "entry point <dist>", or "user"
 
 
-_TABLE: dict[str, Entry] = {}
+#: (slot, name) -> Entry
+_TABLE: dict[tuple[str, str], Entry] = {}
 _loaded = False
 _loading = False
 #: entry points that failed to import: name -> error text (reported by `recipes list` and unknown-name errors)
@@ -95,24 +103,24 @@ def register_technique(cls: type[Technique] | None = None, *, origin: str = "use
         _check(c)
         if not _loading:
             _ensure_loaded()
-        old = _TABLE.get(c.name)
+        old = _TABLE.get((c.slot, c.name))
         if old is not None and old.technique_cls is not c and not replace:
             raise RegistryError(
                 f"technique name {c.name!r} is already registered by {old.technique_cls.__module__}."
                 f"{old.technique_cls.__qualname__} ({old.origin}), so {c.__module__}.{c.__qualname__} "
                 f"({origin}) cannot register it too; pick another name or pass replace=True"
             )
-        _TABLE[c.name] = Entry(c.name, c.slot, c.config_cls, c, origin)
+        _TABLE[(c.slot, c.name)] = Entry(c.name, c.slot, c.config_cls, c, origin)
         return c
 
     return _register(cls) if cls is not None else _register
 
 
-def unregister_technique(name: str) -> None:
-    _ensure_loaded()
-    if name not in _TABLE:
+def unregister_technique(name: str, slot: str | None = None) -> None:
+    entry = get(name, slot)
+    if entry is None:
         raise RegistryError(f"no technique named {name!r} is registered")
-    del _TABLE[name]
+    del _TABLE[(entry.slot, entry.name)]
 
 
 def _ensure_loaded() -> None:
@@ -144,9 +152,25 @@ def _ensure_loaded() -> None:
         _loading = False
 
 
-def get(name: str) -> Entry | None:
+def get(name: str, slot: str | None = None) -> Entry | None:
+    """The entry of ``name`` in ``slot``; without ``slot``, the only entry of that name (None when there is
+    none, :class:`RegistryError` when the name lives in several slots)."""
     _ensure_loaded()
-    return _TABLE.get(name)
+    if slot is not None:
+        return _TABLE.get((slot, name))
+    found = [e for e in _TABLE.values() if e.name == name]
+    if len(found) > 1:
+        raise RegistryError(
+            f"technique name {name!r} exists in several slots ({', '.join(e.slot for e in found)}); "
+            "pass slot= to say which"
+        )
+    return found[0] if found else None
+
+
+def slots_of(name: str) -> list[str]:
+    """Every slot that has a technique called ``name``, in slot order."""
+    _ensure_loaded()
+    return [s for s in SLOTS if (s, name) in _TABLE]
 
 
 def entries() -> list[Entry]:

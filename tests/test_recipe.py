@@ -131,7 +131,7 @@ def test_every_bundled_recipe_loads(path: Path):
     built = recipe.build()
     assert [t.name for t in built] == recipe.names()
     for technique, spec in zip(built, recipe.techniques):
-        assert isinstance(technique, registry.get(spec.name).technique_cls)
+        assert isinstance(technique, registry.get(spec.name, spec.slot).technique_cls)
         assert technique.config == spec.config
     # bundled recipes are also addressable by name
     assert load_recipe(path.stem).to_dict() == recipe.to_dict()

@@ -310,7 +310,7 @@ def test_plugin_duplicating_a_builtin_is_an_error(fresh_registry: Path):
     assert "'adamw' is already registered by hf_memkit.optim.adamw.technique.AdamWTechnique (builtin)" in text
     assert "fake_memkit_dup.MyTechnique (entry point of dupplugin)" in text
     assert registry._loading is False  # a failed load can be retried, it does not leave the table locked
-    assert registry._TABLE["adamw"].technique_cls is AdamWTechnique
+    assert registry._TABLE[("optimizer", "adamw")].technique_cls is AdamWTechnique
 
 
 def test_plugin_state_is_restored_after_plugin_tests():

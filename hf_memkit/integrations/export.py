@@ -47,11 +47,13 @@ def export_safetensors(model: Any, out_dir: str, *, merge_adapters: bool = True)
         return out_dir
     target = model
     if isinstance(model, PeftModel):
-        if merge_adapters and not _has_quantized_base(model):
+        mergeable = getattr(model.base_model, "memkit_mergeable", True)  # MixLoRA: experts are routed per token
+        if merge_adapters and mergeable and not _has_quantized_base(model):
             target = copy.deepcopy(model).merge_and_unload()
         else:
             if merge_adapters:
-                logger.warning("hf_memkit: the base is 4-bit; exporting the adapter beside it instead of merging")
+                logger.warning("hf_memkit: %s; exporting the adapter beside it instead of merging",
+                               "the adapter has no merged form" if not mergeable else "the base is 4-bit")
     from ..quant.linear import quantized_modules
 
     if quantized_modules(target):
@@ -150,7 +152,7 @@ def card_info(model: Any, recipe: Any, fmt: str, metrics: dict[str, Any], writte
     if recipe is not None:
         recipe_yaml = recipe.to_yaml()
         for spec in recipe.techniques:
-            entry = registry.get(spec.name)
+            entry = registry.get(spec.name, spec.slot)
             techniques.append({"name": spec.name, "slot": spec.slot,
                                "version": entry.technique_cls.version if entry else "?",
                                "settings": spec.config.model_dump(mode="json")})

@@ -46,7 +46,7 @@ def storage_bytes(tensors: Any) -> int:
 
 
 def is_adapter_parameter(name: str) -> bool:
-    return "lora_" in name
+    return "lora_" in name or ".lorc_" in name  # PEFT LoRA, MixLoRA (mixlora_*), LoRC adapter (lorc_A/B)
 
 
 def parameter_bytes(model: Any) -> dict[str, int]:

@@ -36,9 +36,10 @@ def _assert_same(model, snap):
 ENTRIES = registry.entries()
 
 
-@pytest.fixture(params=[e.name for e in ENTRIES])
+@pytest.fixture(params=[(e.slot, e.name) for e in ENTRIES], ids=[f"{e.slot}.{e.name}" for e in ENTRIES])
 def entry(request):
-    return registry.get(request.param)
+    slot, name = request.param
+    return registry.get(name, slot)
 
 
 def test_registry_is_not_empty():
