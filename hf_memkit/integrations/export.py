@@ -34,7 +34,7 @@ def export_model(model: Any, out_dir: str, config: Any = None, *, recipe: Any = 
     config = config if config is not None else ExportConfig()
     if config.format == "compressed-tensors":
         return export_compressed_tensors(model, out_dir, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
-                                         model_card=model_card)
+                                         model_card=model_card, layout=config.sparse_layout)
     return export_safetensors(model, out_dir, merge_adapters=config.merge_adapters)
 
 
@@ -104,7 +104,8 @@ def dense_bytes(model: Any) -> int:
 
 
 def export_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, tokenizer: Any = None,
-                              metrics: dict[str, Any] | None = None, model_card: bool = True) -> str:
+                              metrics: dict[str, Any] | None = None, model_card: bool = True,
+                              layout: str = "dense") -> str:
     import compressed_tensors
 
     from .. import __version__
@@ -116,7 +117,7 @@ def export_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, t
     from ..prune.targets import sparse_modules
 
     if sparse_modules(model):  # 2:4 (with or without int4): sparsity_config + the sparse layout
-        return export_sparse(model, out_dir, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
+        return export_sparse(model, out_dir, layout=layout, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
                              model_card=model_card)
     if not quantized_modules(model) and getattr(model, STRUCTURED_ATTR, None):
         return export_structured(model, out_dir, tokenizer=tokenizer)
