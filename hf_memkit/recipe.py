@@ -52,6 +52,11 @@ class ExportConfig(BaseModel):
     )
     merge_adapters: bool = Field(True, description="merge LoRA-style adapters into the base weights (safetensors)")
     dir: str = Field("export", description="folder under output_dir that receives the export")
+    sparse_layout: Literal["dense", "bitmask"] = Field(
+        "dense", description="2:4 sparse models (compressed-tensors): dense = weights with exact zeros and a 2:4 "
+        "sparsity_config (loads with plain from_pretrained on transformers 5 / compressed-tensors 0.20); bitmask = "
+        "sparse-24-bitmask tensors (vLLM and older compressed-tensors readers)",
+    )
 
 
 @dataclass

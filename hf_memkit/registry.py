@@ -51,6 +51,12 @@ _BUILTIN_MODULES = (
     "hf_memkit.quant.gptq.technique",
     "hf_memkit.quant.lorc.technique",
     "hf_memkit.quant.efficientqat.technique",
+    "hf_memkit.prune.magnitude_24.technique",
+    "hf_memkit.prune.wanda_24.technique",
+    "hf_memkit.prune.comp.technique",
+    "hf_memkit.prune.l1_structured.technique",
+    "hf_memkit.prune.ast.technique",
+    "hf_memkit.prune.cast.technique",
 )
 
 

@@ -178,7 +178,8 @@ def test_to_dict_resolves_every_default():
     assert qlora["r"] == 2 and qlora["quant_type"] == "nf4" and qlora["blocksize"] == 64
     assert qlora["skip_modules"] == ["lm_head"]
     with_export = load_recipe({"export": {}}).to_dict()
-    assert with_export["export"] == {"format": "safetensors", "merge_adapters": True, "dir": "export"}
+    assert with_export["export"] == {"format": "safetensors", "merge_adapters": True, "dir": "export",
+                                     "sparse_layout": "dense"}
 
 
 def test_explain_prints_every_field(capsys: pytest.CaptureFixture):

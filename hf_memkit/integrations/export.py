@@ -34,7 +34,7 @@ def export_model(model: Any, out_dir: str, config: Any = None, *, recipe: Any = 
     config = config if config is not None else ExportConfig()
     if config.format == "compressed-tensors":
         return export_compressed_tensors(model, out_dir, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
-                                         model_card=model_card)
+                                         model_card=model_card, layout=config.sparse_layout)
     return export_safetensors(model, out_dir, merge_adapters=config.merge_adapters)
 
 
@@ -106,7 +106,8 @@ def dense_bytes(model: Any) -> int:
 
 
 def export_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, tokenizer: Any = None,
-                              metrics: dict[str, Any] | None = None, model_card: bool = True) -> str:
+                              metrics: dict[str, Any] | None = None, model_card: bool = True,
+                              layout: str = "dense") -> str:
     import compressed_tensors
 
     from .. import __version__
@@ -115,6 +116,13 @@ def export_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, t
     from .hub import folder_bytes, write_card
     from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
 
+    from ..prune.targets import sparse_modules
+
+    if sparse_modules(model):  # 2:4 (with or without int4): sparsity_config + the sparse layout
+        return export_sparse(model, out_dir, layout=layout, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
+                             model_card=model_card)
+    if not quantized_modules(model) and getattr(model, STRUCTURED_ATTR, None):
+        return export_structured(model, out_dir, tokenizer=tokenizer)
     written = write_checkpoint(model, out_dir)
     lorc = write_lorc_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
     if tokenizer is not None:
@@ -140,6 +148,52 @@ def export_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, t
     setattr(model, _MARK, (os.path.abspath(out_dir), "compressed-tensors"))
     logger.info("hf_memkit: compressed-tensors export in %s (%d quantized layers%s)", out_dir,
                 len(quantized_modules(model)), f", LoRC adapter r{lorc['rank']}" if lorc else "")
+    return out_dir
+
+
+STRUCTURED_ATTR = "_memkit_structured"
+
+
+def export_structured(model: Any, out_dir: str, *, tokenizer: Any = None) -> str:
+    """A structurally pruned model (fewer layers, narrower MLP) is an ordinary smaller checkpoint: a plain
+    ``save_pretrained`` whose config already says the new sizes."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    setattr(model, _MARK, (os.path.abspath(out_dir), "compressed-tensors"))
+    logger.info("hf_memkit: structurally pruned model (%s layers, intermediate_size %s) saved as a plain checkpoint "
+                "in %s", model.config.num_hidden_layers, getattr(model.config, "intermediate_size", "?"), out_dir)
+    return out_dir
+
+
+def export_sparse(model: Any, out_dir: str, *, layout: str = "dense", recipe: Any = None, tokenizer: Any = None,
+                  metrics: dict[str, Any] | None = None, model_card: bool = True) -> str:
+    """2:4 sparse (optionally int4) compressed-tensors export (:mod:`.sparse_export`), the SLoRB/LoRC side
+    branch as a PEFT LoRA beside it, the tokenizer and the model card."""
+    import compressed_tensors
+
+    from .. import __version__
+    from .hub import folder_bytes, write_card
+    from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
+    from .sparse_export import write_sparse_checkpoint
+
+    layout = getattr(getattr(recipe, "export", None), "sparse_layout", None) or layout
+    written = write_sparse_checkpoint(model, out_dir, layout=layout)
+    side = write_lorc_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    metrics = dict(metrics or {})
+    metrics.setdefault("bytes_full_precision", dense_bytes(model))
+    metrics["bytes_on_disk"] = folder_bytes(out_dir) - folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
+    if side is not None:
+        side["subfolder"] = ADAPTER_DIR
+    if model_card:
+        info = card_info(model, recipe, "compressed-tensors", metrics, written, side)
+        info["summary"] = ", ".join(written.get("groups", {})) or "2:4 sparse"
+        info["compressed_tensors_version"] = compressed_tensors.__version__
+        info["hf_memkit_version"] = __version__
+        write_card(out_dir, info)
+    setattr(model, _MARK, (os.path.abspath(out_dir), "compressed-tensors"))
     return out_dir
 
 

@@ -24,8 +24,12 @@ from ..technique import PatchHandle, Technique, ValidationContext
 
 logger = logging.getLogger("hf_memkit")
 
-QUANTIZER, COMPENSATOR, TRAINER = "quantizer", "compensator", "trainer"
-ROLES = {"rtn": QUANTIZER, "gptq": QUANTIZER, "block_ap": QUANTIZER, "lorc": COMPENSATOR, "e2e_qp": TRAINER}
+QUANTIZER, COMPENSATOR, TRAINER, PRUNER = "quantizer", "compensator", "trainer", "pruner"
+ROLES = {"rtn": QUANTIZER, "gptq": QUANTIZER, "block_ap": QUANTIZER, "lorc": COMPENSATOR, "e2e_qp": TRAINER,
+         "magnitude_24": PRUNER, "wanda_24": PRUNER, "comp": PRUNER, "l1_structured": PRUNER}
+#: pruners that leave 2:4 weights: a quantizer after them must keep exact zeros (rtn does; gptq/block_ap update
+#: the pruned weights)
+SEMI_STRUCTURED = ("magnitude_24", "wanda_24")
 REPORT_FILE = "compression_report.json"
 
 ADAPTER_CONFLICT = (
@@ -42,6 +46,7 @@ class Plan:
     quantizer: tuple[str, Any] | None = None
     lorc: Any = None
     e2e: Any = None
+    pruners: list = field(default_factory=list)
     export: Any = None
     recipe: Any = None
 
@@ -67,16 +72,46 @@ class Plan:
             self.lorc = config
         elif role == TRAINER:
             self.e2e = config
+        elif role == PRUNER:
+            self.pruners.append((name, config))
 
     @property
     def stage(self) -> str:
         return "before" if self.e2e is not None else "after"
 
     @property
+    def has_quant(self) -> bool:
+        return self.quantizer is not None or self.lorc is not None or self.e2e is not None
+
+    @property
     def leader(self) -> str:
         if self.quantizer is not None:
             return self.quantizer[0]
+        if self.lorc is None and self.e2e is None and self.pruners:
+            return self.pruners[0][0]
         return "lorc" if self.lorc is not None else "e2e_qp"
+
+    def check_pruners(self) -> None:
+        """Pruning runs first, after training; what cannot follow it is refused here."""
+        if not self.pruners:
+            return
+        src = getattr(self.recipe, "source", None)
+        if self.e2e is not None:
+            raise RecipeError("pruning runs after training and e2e_qp trains a quantized model before it",
+                              path=src, key=f"compress.{self.pruners[0][0]}",
+                              fix="prune and quantize with rtn/gptq in one recipe, or run e2e_qp on the pruned export")
+        semi = [n for n, _ in self.pruners if n in SEMI_STRUCTURED]
+        if semi and self.quantizer is not None and self.quantizer[0] != "rtn":
+            raise RecipeError(f"{self.quantizer[0]} updates the weights {semi[0]} pruned, so the result would not "
+                              "be 2:4 any more", path=src, key=f"compress.{self.quantizer[0]}",
+                              fix="use rtn after a 2:4 pruner (pruned zeros stay exact zeros on its grid)")
+        if semi and self.lorc is not None:
+            raise RecipeError("lorc adds a dense side branch the 2:4 export cannot hold", path=src,
+                              key="compress.lorc", fix="drop lorc from a 2:4 recipe")
+        if len(self.pruners) > 1:
+            raise RecipeError(f"one pruning pass per recipe ({', '.join(n for n, _ in self.pruners)} given)",
+                              path=src, key=f"compress.{self.pruners[1][0]}",
+                              fix="keep one of them; run the other on the exported folder")
 
     @property
     def last(self) -> str:
@@ -149,6 +184,9 @@ class CompressTechnique(Technique):
         self._plan = Plan.from_recipe(recipe) if recipe is not None and recipe.slot("compress") else None
         plan = self.plan
         if self.name != plan.leader:
+            return
+        plan.check_pruners()
+        if not plan.has_quant:
             return
         qname, qcfg = plan.quantizer_or_default()
         if plan.stage == "before" and getattr(qcfg, "calibration", None) == "train":
@@ -266,12 +304,23 @@ class CompressTechnique(Technique):
     def finalize(self, model: Any, output_dir: str) -> None:
         plan = self.plan
         if plan.stage == "after" and self.name == plan.leader:
-            from .pipeline import quantize_model_
+            from .pipeline import PassReport, quantize_model_
 
-            qname, qcfg = plan.quantizer_or_default()
-            key = f"compress.{qname}"
-            calib = self.calibration_data(model, qcfg, key) if qname in ("gptq", "block_ap") else None
-            self.report = quantize_model_(model, qname, qcfg, lorc=plan.lorc, calibration=calib, key=key)
+            prune_reports = {}
+            for pname, pcfg in plan.pruners:
+                from ..prune.pipeline import CALIBRATED, prune_model_
+
+                pkey = f"compress.{pname}"
+                pcal = self.calibration_data(model, pcfg, pkey) if pname in CALIBRATED else None
+                prune_reports[pname] = prune_model_(model, pname, pcfg, calibration=pcal, key=pkey)
+            if plan.has_quant:
+                qname, qcfg = plan.quantizer_or_default()
+                key = f"compress.{qname}"
+                calib = self.calibration_data(model, qcfg, key) if qname in ("gptq", "block_ap") else None
+                self.report = quantize_model_(model, qname, qcfg, lorc=plan.lorc, calibration=calib, key=key)
+            else:
+                self.report = PassReport("none", {})
+            self.report.layers.update({f"prune:{k}": v for k, v in prune_reports.items()})
             model._memkit_compress_report = self.report
         if self.name != plan.last:
             return

@@ -32,6 +32,7 @@ def check_recipe(recipe: Any) -> Plan:
                           path=recipe.source, key="compress",
                           fix="add e.g. `compress: [{gptq: {bits: 4, group_size: 128}}]`")
     plan = Plan.from_recipe(recipe)
+    plan.check_pruners()
     if plan.quantizer is not None and plan.e2e is None:
         name, cfg = plan.quantizer
         if getattr(cfg, "calibration", None) == "train":
@@ -69,14 +70,24 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
     if ppl_fp is not None:
         log(f"hf_memkit: eval perplexity before: {ppl_fp:.3f}")
     if plan.e2e is None:
-        qname, qcfg = plan.quantizer_or_default()
-        calib = None
-        if qname in ("gptq", "block_ap"):
+        report = {}
+        for pname, pcfg in plan.pruners:
+            from ..prune.pipeline import CALIBRATED, prune_model_
             from .calibration import from_corpus
 
-            calib = from_corpus(tok, qcfg.num_samples, qcfg.seq_len)
-            log(f"hf_memkit: calibration: {calib.describe()}")
-        report = quantize_model_(net, qname, qcfg, lorc=plan.lorc, calibration=calib).to_dict()
+            pcal = from_corpus(tok, pcfg.num_samples, pcfg.seq_len) if pname in CALIBRATED else None
+            if pcal is not None:
+                log(f"hf_memkit: calibration: {pcal.describe()}")
+            report[pname] = prune_model_(net, pname, pcfg, calibration=pcal)
+        if plan.has_quant:
+            qname, qcfg = plan.quantizer_or_default()
+            calib = None
+            if qname in ("gptq", "block_ap"):
+                from .calibration import from_corpus
+
+                calib = from_corpus(tok, qcfg.num_samples, qcfg.seq_len)
+                log(f"hf_memkit: calibration: {calib.describe()}")
+            report.update(quantize_model_(net, qname, qcfg, lorc=plan.lorc, calibration=calib).to_dict())
     else:
         net, report = _train_e2e(net, tok, recipe, plan, log)
     seconds = time.perf_counter() - t0
