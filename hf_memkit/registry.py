@@ -44,6 +44,7 @@ _BUILTIN_MODULES = (
     "hf_memkit.quant.gptq.technique",
     "hf_memkit.quant.lorc.technique",
     "hf_memkit.quant.efficientqat.technique",
+    "hf_memkit.activations.mesa.technique",
 )
 
 
