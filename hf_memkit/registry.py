@@ -46,6 +46,7 @@ _BUILTIN_MODULES = (
     "hf_memkit.quant.efficientqat.technique",
     "hf_memkit.activations.mesa.technique",
     "hf_memkit.activations.wta_crs.technique",
+    "hf_memkit.activations.offload.technique",
 )
 
 
