@@ -19,7 +19,9 @@ class MesaConfig(TechniqueConfig):
     Paper: Pan et al., "Mesa: A Memory-saving Training Framework for Transformers" (2021; ziplab/Mesa). Each
     saved tensor is split into groups (``groups`` contiguous channel groups; one group per head for attention
     tensors) whose range and shift follow a running estimate; values are stochastically rounded (unbiased inside
-    the range) and clamped at both ends. Covered: Linear inputs, RMSNorm/LayerNorm inputs, the gate and up outputs
+    the range) and clamped at both ends. Departure from the paper: by default (``range: cover``) the range used
+    for a tensor is widened to that tensor's own min/max — pure running ranges (``range: ema``) lag behind a
+    growing residual stream and clip it, which flipped the RMSNorm input gradients of the tiny Llama. Covered: Linear inputs, RMSNorm/LayerNorm inputs, the gate and up outputs
     of gated MLPs (SwiGLU/GeGLU) or the input of other SiLU/GELU modules, and — with eager attention — q, k, v and
     the softmax output. SDPA/flash attention keep their own (exact, 16/32-bit) saved tensors: load the model with
     ``attn_implementation="eager"`` to compress those too. Plain PyTorch equivalent: a
@@ -38,6 +40,9 @@ class MesaConfig(TechniqueConfig):
                         "(gcd with the channel count); attention tensors always get one group per head")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="λ of the running range estimate (0 = the current "
                              "tensor's min/max only)")
+    range: Literal["cover", "ema"] = Field(
+        "cover", description="cover = the running range widened to each tensor's own min/max (nothing clipped); "
+        "ema = Mesa's running range as is, values outside it clamped (can bias gradients while ranges grow)")
     cover: list[Literal["linear", "norm", "mlp", "attention"]] = Field(
         list(COVER), description="which ops save 8-bit tensors: linear inputs, norm inputs, MLP activations, "
         "eager attention (q, k, v, softmax)")

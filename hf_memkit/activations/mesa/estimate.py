@@ -59,7 +59,7 @@ def _attention(mem: Any, config: Any, cfg: Any, layers: int, eager: bool) -> int
 
 def mesa_activation_delta(mem: Any, cfg: Any) -> tuple[int, str]:
     config = mem.model.config
-    eager = getattr(config, "_attn_implementation", None) == "eager"
+    eager = getattr(config, "_attn_implementation", None) in ("eager", "memkit_mesa_eager")
     if mem.gradient_checkpointing:
         items = head_tensors(mem, config)
         return (mesa_tensors(mem, config, cfg, items, eager) - sum(s.bytes for s in items),

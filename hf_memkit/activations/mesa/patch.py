@@ -35,8 +35,8 @@ def _grad_on() -> bool:
 
 
 class MesaPatcher:
-    def __init__(self, groups: int, ema_decay: float, impl: str, cover: set[str]):
-        self.groups, self.ema_decay, self.impl, self.cover = groups, ema_decay, impl, cover
+    def __init__(self, groups: int, ema_decay: float, impl: str, cover: set[str], widen: bool = True):
+        self.groups, self.ema_decay, self.impl, self.cover, self.widen = groups, ema_decay, impl, cover, widen
         self.trackers: dict[str, RangeTracker] = {}
         self.cache = PackCache()
         self.patched: list[Any] = []
@@ -46,7 +46,8 @@ class MesaPatcher:
     def tracker(self, name: str, layout: str = "channels") -> RangeTracker:
         t = self.trackers.get(name)
         if t is None:
-            t = self.trackers[name] = RangeTracker(name, layout, self.groups, self.ema_decay, self.impl)
+            t = self.trackers[name] = RangeTracker(name, layout, self.groups, self.ema_decay, self.impl,
+                                                       self.widen)
         return t
 
     def _set_forward(self, module: Any, fwd: Callable) -> None:

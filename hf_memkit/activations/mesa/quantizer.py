@@ -3,7 +3,10 @@
 A :class:`RangeTracker` belongs to one site (one module's input, one attention operand). Its range α and shift β
 per group follow Mesa's running estimate: on the first call α = max − min and β = min of the current tensor,
 afterwards α ← α − (1−λ)(α − (max − min)) and β ← β − (1−λ)(β − min) (λ = ``ema_decay``). Values outside the
-running range are clamped at both ends. Grouping: a ``[..., C]`` tensor is split into G contiguous channel groups
+running range are clamped at both ends. With ``cover`` (the default), the range used for a tensor is the running
+range widened to include that tensor's own min/max, so nothing is clipped (pure Mesa clips values while the
+running range lags behind a growing residual stream, which on the tiny Llama turned RMSNorm input gradients
+around within a dozen steps). Grouping: a ``[..., C]`` tensor is split into G contiguous channel groups
 (G = gcd(C, groups)); a ``[B, H, L, D]`` attention tensor gets one group per head.
 """
 
@@ -43,8 +46,10 @@ class Packed:
 class RangeTracker:
     """Running range of one site; ``layout`` is ``"channels"`` or ``"heads"``."""
 
-    def __init__(self, name: str, layout: str, groups: int, ema_decay: float, impl: str = "auto"):
+    def __init__(self, name: str, layout: str, groups: int, ema_decay: float, impl: str = "auto",
+                 cover: bool = True):
         self.name, self.layout, self.groups, self.ema_decay, self.impl = name, layout, groups, ema_decay, impl
+        self.cover = cover
         self.alpha: torch.Tensor | None = None
         self.beta: torch.Tensor | None = None
 
@@ -69,7 +74,11 @@ class RangeTracker:
             keep = 1.0 - self.ema_decay
             self.alpha.sub_(keep * (self.alpha - (hi - lo)))
             self.beta.sub_(keep * (self.beta - lo))
-        params = torch.stack([scale_of(self.alpha), self.beta.clone()])
+        alpha, beta = self.alpha, self.beta
+        if self.cover:  # widen the running range to the current tensor's: nothing is clipped
+            beta = torch.minimum(beta, lo)
+            alpha = torch.maximum(self.beta + self.alpha, hi) - beta
+        params = torch.stack([scale_of(alpha), beta.clone()])
         q = quantize(x3.contiguous(), params[0], params[1], self.impl)
         return Packed(q.reshape(x.shape), params, tuple(x3.shape), x.dtype)
 

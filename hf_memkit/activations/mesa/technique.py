@@ -42,7 +42,7 @@ class MesaTechnique(Technique):
         from .patch import MesaPatcher
 
         cfg = self.config
-        patcher = MesaPatcher(cfg.groups, cfg.ema_decay, cfg.impl, set(cfg.cover))
+        patcher = MesaPatcher(cfg.groups, cfg.ema_decay, cfg.impl, set(cfg.cover), cfg.range == "cover")
         patcher.apply(model)
         self._patcher = patcher
         if self._pending:
