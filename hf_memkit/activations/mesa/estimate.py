@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..saved_layout import dims, head_tensors, layer_tensors, saved_tensors
+from ..saved_layout import dims, head_tensors, saved_tensors
 
 #: per-element bytes of the plain kinds Mesa replaces: 8-bit copy (1 byte) or nothing
 _INT8 = {"norm_input", "linear_input", "mlp_gate", "mlp_up"}
@@ -26,7 +26,6 @@ def _groups(channels: int, groups: int) -> int:
 
 def mesa_tensors(mem: Any, config: Any, cfg: Any, items: list, eager: bool) -> int:
     d = mem.dtype_bytes
-    T = mem.batch_size * mem.seq_len
     k = dims(config)
     cover = set(cfg.cover)
     total = 0

@@ -15,7 +15,6 @@ Covered (by class, a small table — families differ only in names):
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch

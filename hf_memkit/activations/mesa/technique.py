@@ -4,7 +4,6 @@ checkpoint state (so a resumed run quantizes exactly as the uninterrupted one)."
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 from ...errors import CheckpointError

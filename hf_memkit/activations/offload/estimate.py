@@ -24,7 +24,7 @@ def offload_estimate(mem: Any, cfg: Any) -> None:
         inputs = d * k["h"] * T
         moved = sum(s.bytes for s in items if not small(s.bytes)) + (0 if small(inputs) else inputs * k["layers"])
     elif cfg.token_fraction < 1:
-        moved, stays = 0, 0
+        moved = 0
         for i in range(k["layers"]):
             for s in layer_tensors(mem, config, i):
                 if not small(s.bytes):
