@@ -61,7 +61,6 @@ def test_saved_bytes_and_gradients_on_the_tiny_llama(tiny_path, ids, attn, limit
 def test_short_training_tracks_the_baseline(tiny_path, tiny_dataset):
     """40 steps of AdamW on the same batches: final loss within 2% of the baseline's. The 200-step/1% check of the
     issue is ``benchmarks/bench_activations.py --mesa-steps 200`` (slow on a shared CPU)."""
-    from torch.utils.data import DataLoader
 
     batches = [torch.stack([torch.tensor(r["input_ids"]) for r in tiny_dataset.select(range(i, i + 4))])
                for i in range(0, 40, 4)]
