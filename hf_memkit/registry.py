@@ -57,6 +57,9 @@ _BUILTIN_MODULES = (
     "hf_memkit.prune.l1_structured.technique",
     "hf_memkit.prune.ast.technique",
     "hf_memkit.prune.cast.technique",
+    "hf_memkit.activations.mesa.technique",
+    "hf_memkit.activations.wta_crs.technique",
+    "hf_memkit.activations.offload.technique",
 )
 
 

@@ -1,0 +1,1 @@
+"""Mesa: 8-bit saved activations. See :class:`.config.MesaConfig`."""

@@ -1,0 +1,100 @@
+"""``activations: [{mesa: {...}}]`` — 8-bit saved activations. The module swaps live in :mod:`.patch`, the autograd
+Functions in :mod:`.functions`, the running ranges in :mod:`.quantizer`; the running ranges are the technique's
+checkpoint state (so a resumed run quantizes exactly as the uninterrupted one)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from ...errors import CheckpointError
+from ...technique import PatchHandle, Technique
+from .config import MesaConfig
+
+KEY = "activations.mesa"
+
+
+class MesaTechnique(Technique):
+    name: ClassVar[str] = "mesa"
+    slot: ClassVar[str] = "activations"
+    config_cls = MesaConfig
+    summary: ClassVar[str] = ("Mesa: tensors saved for backward kept in 8 bits (running per-group ranges, "
+                              "stochastic rounding); forward exact")
+    reference: ClassVar[str] = "Pan et al. 2021; ziplab/Mesa"
+    conflicts: ClassVar[dict[str, str]] = {
+        "wta_crs": "both replace what Linear layers save for backward; use one of them",
+    }
+
+    def __init__(self, config: MesaConfig | None = None):
+        super().__init__(config)
+        self._patcher = None
+        self._pending: dict[str, Any] = {}
+
+    # 2 ----------------------------------------------------------------------------------------------------------
+    def estimate(self, mem: Any) -> None:
+        from .estimate import mesa_activation_delta
+
+        delta, note = mesa_activation_delta(mem, self.config)
+        mem.add("activations", delta, self.name, note)
+
+    # 3 ----------------------------------------------------------------------------------------------------------
+    def patch_model(self, model: Any) -> PatchHandle:
+        from .patch import MesaPatcher
+
+        cfg = self.config
+        patcher = MesaPatcher(cfg.groups, cfg.ema_decay, cfg.impl, set(cfg.cover), cfg.range == "cover")
+        patcher.apply(model)
+        self._patcher = patcher
+        if self._pending:
+            self._load(self._pending)
+            self._pending = {}
+
+        def undo():
+            patcher.remove()
+            self._patcher = None
+            return model
+
+        return PatchHandle(model, undo)
+
+    @property
+    def covered(self) -> dict[str, str]:
+        return dict(self._patcher.covered) if self._patcher else {}
+
+    # 7 ----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": 1}
+        if self._patcher is not None:
+            for name, tr in sorted(self._patcher.trackers.items()):
+                for k, v in tr.state().items():
+                    out[f"{name}/{k}"] = v
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1:
+            raise CheckpointError(f"{KEY}: the checkpoint's Mesa state has an unknown format; resume from a "
+                                  "checkpoint written by this version of hf_memkit")
+        if self._patcher is None:
+            self._pending = dict(state)
+        else:
+            self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        per: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            if "/" in key:
+                name, field = key.rsplit("/", 1)
+                per.setdefault(name, {})[field] = value
+        unknown = sorted(set(per) - set(self._patcher.trackers))
+        if unknown:
+            raise CheckpointError(f"{KEY}: the checkpoint has running ranges of {unknown[:3]} which this model "
+                                  "does not have; resume with the model and recipe the checkpoint was written with")
+        for name, fields in per.items():
+            tr = self._patcher.trackers[name]
+            tr.load(fields, _device_of(self._patcher, name))
+
+
+def _device_of(patcher: Any, name: str) -> Any:
+    for m in patcher.patched:
+        w = getattr(m, "weight", None)
+        if w is not None:
+            return w.device
+    return None

@@ -1,0 +1,1 @@
+"""Activation offload (torchtune-style) and MEMO's token-wise variant. See :class:`.config.OffloadConfig`."""

@@ -1,0 +1,44 @@
+"""Offload's estimate: ``activations`` (what stays on the device) keeps only the saved tensors below
+``min_bytes`` (and, token-wise, each decoder layer's input); the rest moves to ``activations_offloaded`` (host RAM
+or disk). With ``token_fraction`` α < 1, α of the layer tensors is stored and one layer's set is recomputed in
+backward (``activations_recompute``, transient). Under gradient checkpointing the checkpointed layer inputs are
+what moves. Note: the memory profiler's meter counts checkpoint inputs wherever they live."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..saved_layout import dims, head_tensors, layer_tensors, saved_tensors
+
+
+def offload_estimate(mem: Any, cfg: Any) -> None:
+    config = mem.model.config
+    logits = sum(t.bytes for t in mem.terms if t.category == "logits")
+    if logits >= cfg.min_bytes:  # the loss's saved log-probabilities leave the device too
+        mem.replace_category("logits", 0, "offload", "offloaded with the other saved tensors")
+        mem.add("activations_offloaded", logits, "offload", "the loss's saved log-probabilities")
+    d, T, k = mem.dtype_bytes, mem.batch_size * mem.seq_len, dims(config)
+    small = lambda b: b < cfg.min_bytes  # noqa: E731
+    if mem.gradient_checkpointing:
+        items = head_tensors(mem, config)
+        inputs = d * k["h"] * T
+        moved = sum(s.bytes for s in items if not small(s.bytes)) + (0 if small(inputs) else inputs * k["layers"])
+    elif cfg.token_fraction < 1:
+        moved = 0
+        for i in range(k["layers"]):
+            for s in layer_tensors(mem, config, i):
+                if not small(s.bytes):
+                    moved += round(s.bytes * cfg.token_fraction) if s.token_rows else s.bytes
+        moved += sum(s.bytes for s in head_tensors(mem, config) if not small(s.bytes))
+        layers_saved = sum(s.bytes for s in layer_tensors(mem, config, 0) if not small(s.bytes))
+        held = d * k["h"] * T * k["layers"]  # each layer's input stays on the device for the recompute
+        mem.add("activations", held, "offload", "decoder-layer inputs kept for the token-wise recompute")
+        mem.add("activations_recompute", layers_saved, "offload", "one layer recomputed in backward (transient)")
+        moved_all = sum(s.bytes for s in saved_tensors(mem, config) if not small(s.bytes))
+        mem.add("activations", -moved_all, "offload", "saved tensors >= min_bytes leave the device")
+        mem.add("activations_offloaded", moved, "offload", f"α={cfg.token_fraction} of the token rows stored")
+        return
+    else:
+        moved = sum(s.bytes for s in saved_tensors(mem, config) if not small(s.bytes))
+    mem.add("activations", -moved, "offload", "saved tensors >= min_bytes leave the device")
+    mem.add("activations_offloaded", moved, "offload", "host RAM (to: cpu) or disk (to: disk)")
