@@ -108,6 +108,7 @@ def mixture_forward(ffn: Any, kind: FFNKind, x: "torch.Tensor", logits: "torch.T
     weights, ids = route(logits, top_k)
     xf = x.reshape(-1, x.shape[-1])
     inner_f = [t.reshape(-1, t.shape[-1]) for t in inner]
+    a_f = a.reshape(-1, a.shape[-1])
     mix = torch.zeros(xf.shape[0], a.shape[-1], dtype=a.dtype, device=a.device)
     out_shape = projection_shape(getattr(ffn, kind.outer))[1]
     out_delta = torch.zeros(xf.shape[0], out_shape, dtype=x.dtype, device=x.device)
@@ -121,11 +122,8 @@ def mixture_forward(ffn: Any, kind: FFNKind, x: "torch.Tensor", logits: "torch.T
         parts = [t[rows] for t in inner_f]
         deltas = [p + lora_delta(xe, experts[n][0][e], experts[n][1][e], scaling, dropout)
                   for p, n in zip(parts, kind.inner)]
-        if kind.name == "swiglu":
-            ae, base = act(deltas[0]) * deltas[1], act(parts[0]) * parts[1]
-        else:
-            ae, base = act(deltas[0]), act(parts[0])
-        mix.index_add_(0, rows, (w * (ae - base)).to(mix.dtype))
+        ae = act(deltas[0]) * deltas[1] if kind.name == "swiglu" else act(deltas[0])
+        mix.index_add_(0, rows, (w * (ae - a_f[rows])).to(mix.dtype))  # the base activation is shared
         A, B = experts[kind.outer]
         out_delta.index_add_(0, rows, (w * lora_delta(ae, A[e], B[e], scaling, dropout)).to(out_delta.dtype))
     y = getattr(ffn, kind.outer)(a + mix.view_as(a)) + out_delta.view(*x.shape[:-1], out_shape)
