@@ -67,7 +67,9 @@ class RecipeRuntime:
         from ..distributed.engines import args_engine, check_engine
 
         dist_t = self.of_slot("distributed")
-        engine = dist_t.engine() if dist_t is not None and hasattr(dist_t, "engine") else args_engine(args)
+        engine = args_engine(args)
+        if engine == "ddp" and dist_t is not None and dist_t.name == "co2":
+            engine = "co2"
         check_engine(self.techniques, engine, path=self.recipe.source,
                      extra_engine="ddp" if engine == "co2" else None)
 

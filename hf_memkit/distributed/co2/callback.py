@@ -55,6 +55,8 @@ class CO2Callback(TrainerCallback):
         trainer = self.t.trainer
         wrapped = getattr(trainer, "model_wrapped", None) if trainer is not None else None
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            if wrapped.require_backward_grad_sync:
+                logger.info("hf_memkit: co2 turned off DDP's per-step gradient all-reduce")
             wrapped.require_backward_grad_sync = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

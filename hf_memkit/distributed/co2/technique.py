@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..base import DistributedTechnique, cpu_ranks
+from ..base import DistributedTechnique, cpu_ranks, world_size
 from .config import CO2Config
 
 
@@ -41,6 +41,8 @@ class CO2Technique(DistributedTechnique):
 
     def training_args(self, model_config: Any = None) -> dict[str, Any]:
         # unused parameters: no gradient reduction happens, so DDP's unused-parameter search is wasted work
+        if world_size() == 1:
+            return {}
         return {"ddp_find_unused_parameters": False, **cpu_ranks()}
 
     def bind_trainer(self, trainer: Any) -> None:

@@ -9,7 +9,7 @@ import os
 from typing import Any, ClassVar
 
 from ...errors import RecipeError
-from ..base import DistributedTechnique, configs_dir, cpu_ranks, world_size
+from ..base import DistributedTechnique, configs_dir, cpu_ranks, engine_runs_here, world_size
 from ..engines import zero_engine
 from .config import DeepSpeedConfig
 
@@ -89,6 +89,8 @@ class DeepSpeedTechnique(DistributedTechnique):
         return data
 
     def training_args(self, model_config: Any = None) -> dict[str, Any]:
+        if not engine_runs_here(self.name):
+            return {}
         return {"deepspeed": self.resolved(model_config), **cpu_ranks()}
 
     def estimate(self, mem: Any) -> None:

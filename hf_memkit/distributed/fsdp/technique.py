@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..base import DistributedTechnique, cpu_ranks
+from ..base import DistributedTechnique, cpu_ranks, engine_runs_here
 from .config import FSDPConfig
 
 
@@ -23,6 +23,8 @@ class FSDPTechnique(DistributedTechnique):
         return "fsdp"
 
     def training_args(self, model_config: Any = None) -> dict[str, Any]:
+        if not engine_runs_here(self.name):
+            return {}
         cfg = self.config
         options = [cfg.sharding] + (["auto_wrap"] if cfg.auto_wrap else []) + (["offload"] if cfg.offload else [])
         fsdp_config: dict[str, Any] = {"use_orig_params": cfg.use_orig_params}
