@@ -98,9 +98,10 @@ class Technique:
     def validate(self, ctx: ValidationContext) -> None:
         """Raise a typed error (RecipeError, IncompatibleModelError) when this run cannot work."""
 
-    def training_args(self) -> dict[str, Any]:
-        """TrainingArguments fields this technique sets (the ``distributed`` slot fills ``deepspeed``/``fsdp``).
-        They sit under the recipe's own ``training_args``; flags given on the command line still win."""
+    def training_args(self, model_config: Any = None) -> dict[str, Any]:
+        """TrainingArguments fields this technique sets (the ``distributed`` slot fills ``deepspeed``/``fsdp``),
+        given the model's config (None when there is no model yet). They sit under the recipe's own
+        ``training_args``; flags given on the command line still win."""
         return {}
 
     # 2
