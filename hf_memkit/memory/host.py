@@ -1,28 +1,35 @@
-"""Host RAM of DeepSpeed ZeRO CPU/NVMe offload, per rank, and the sizing of DeepSpeed's buffers to a budget.
+"""Host RAM of DeepSpeed ZeRO-3 CPU/NVMe offload, per rank, and the sizing of DeepSpeed's buffers to a budget.
 
-What a ZeRO-3 offload rank keeps in host RAM (P parameters, W ranks, d bytes per compute-dtype element):
+What a ZeRO-3 offload rank keeps in host RAM (P parameters, W ranks, part = P/W, d bytes per compute element;
+read from ``deepspeed/runtime/zero/stage3.py`` and checked against the ranks' peak RSS in
+``tests/distributed/test_host_rss.py``):
 
-* ``host_params``      the rank's parameter partition in the compute dtype, d·P/W (``offload_param: cpu``)
-* ``host_master``      the fp32 master partition, 4·P/W (``offload_optimizer``; absent when d = 4: the
-                       partition is already fp32)
-* ``host_grads``       the fp32 gradient partition the CPU optimizer reads, 4·P/W
-* ``host_optimizer``   AdamW's two fp32 moments, 8·P/W (on NVMe: only the swap buffers below)
-* ``host_staging``     transient buffers: the gradient reduce bucket, the prefetch bucket and the live
-                       gathered parameters (bounded by the model), and one optimizer sub-group's fp32 scratch
-* ``host_swap``        NVMe only: the parameter swap buffers (``buffer_count × buffer_size``) and the
-                       optimizer swap buffers (``buffer_count × sub_group``), plus the aio queue
-                       (``block_size × queue_depth × thread_count``)
+* ``host_params``      ``offload_param: cpu``: the per-parameter partitions and the flat CPU buffer DeepSpeed
+                       copies them into, 2·d·part
+* ``host_master``      ``offload_optimizer``: the fp32 master partition, 4·part — a separate clone even when
+                       the model is fp32
+* ``host_grads``       ``offload_optimizer``: the fp32 gradient partition buffer, 4·part
+* ``host_optimizer``   AdamW's two fp32 moments, 8·part (``offload_optimizer: cpu``; on NVMe only swap buffers)
+* ``host_swap``        NVMe only: parameter swap buffers (``buffer_count × buffer_size``), optimizer swap
+                       buffers (``buffer_count × sub_group``) and the aio queue (``block_size × queue_depth``)
+* ``host_runtime``     DeepSpeed's engine runtime per rank (communication buffers, bookkeeping, the step's
+                       temporaries): a constant, :data:`ENGINE_RUNTIME`, measured on the CPU stack
+* on a machine without CUDA the "device" is host RAM too, so these also land there:
+  ``host_gathered`` (parameters gathered for compute: ``stage3_max_live_parameters`` + prefetch bucket, at
+  most the whole model, d bytes each) and ``host_reduce`` (the contiguous gradient bucket plus the gradients
+  waiting to fill it, 2 × ``reduce_bucket_size`` fp32, at most 2 × the model)
 
 Pinned (page-locked) buffers come from PyTorch's caching host allocator, which rounds every block up to a
 power of two (MemAscend's fragmentation point): with ``pin_memory`` and a CUDA device the pinned terms are
 counted at their rounded size. On a CPU-only machine nothing is pinned (DeepSpeed's CPU accelerator ignores
-``pin_memory``) and nothing is rounded.
+``pin_memory``). A second fragmentation source the measurement exposed: glibc's *dynamic* mmap threshold keeps
+freed large blocks (the unpartitioned model, per-step gradients) in the heap, so peak RSS grew to 778 MiB where
+the live peak is 552 MiB (wide test model, 2 ranks); ``MALLOC_MMAP_THRESHOLD_=65536`` in the ranks'
+environment fixes the threshold and RSS then follows the live bytes this module counts.
 
 :func:`size_to_budget` replaces DeepSpeed's defaults by sizes derived from ``host_memory_gb``; the defaults it
 replaces are :data:`DEEPSPEED_DEFAULTS`.
 """
-
-from __future__ import annotations
 
 import copy
 from typing import Any
@@ -44,9 +51,15 @@ DEEPSPEED_DEFAULTS: dict[str, float] = {
     "aio.queue_depth": 8,
 }
 
-#: budget shares of the transient buffers (what is left after the partitions)
-_SHARES = {"reduce_bucket_size": 0.25, "stage3_prefetch_bucket_size": 0.25, "stage3_max_live_parameters": 0.25,
-           "sub_group_size": 0.25}
+#: DeepSpeed's engine runtime per rank beyond the sized terms: a measured constant (CPU ranks, DeepSpeed 0.19,
+#: torch 2.13): the tiny model's ranks grow by 27.8 MiB of which its sized terms are 4 MiB; the wide test model's
+#: leave 15-30 MiB beside them. It is the one calibrated number here; everything else follows from the config
+ENGINE_RUNTIME = 24 * 2**20
+
+#: budget shares of the transient buffers (what is left after the partitions); the reduce bucket counts twice
+#: (the bucket and the gradients that fill it)
+_SHARES = {"reduce_bucket_size": 0.2, "stage3_prefetch_bucket_size": 0.2, "stage3_max_live_parameters": 0.4,
+           "sub_group_size": 0.2}
 #: never size a bucket below this many elements (DeepSpeed slows to a crawl with tiny buckets)
 MIN_BUCKET = 100_000
 
@@ -69,17 +82,15 @@ def host_terms(ds_config: dict, num_params: int, world_size: int = 1, dtype_byte
     if p_dev in (None, "none") and o_dev in (None, "none"):
         return {}
     part = -(-num_params // max(world_size, 1))
-    pinned = cuda
 
     def pin(n: int, flag: Any) -> int:
-        return _pow2(n) if pinned and flag else int(n)
+        return _pow2(n) if cuda and flag else int(n)
 
     out: dict[str, int] = {}
     if p_dev == "cpu":
-        out["host_params"] = pin(part * dtype_bytes, op.get("pin_memory"))
+        out["host_params"] = part * dtype_bytes + pin(part * dtype_bytes, op.get("pin_memory"))
     if o_dev in ("cpu", "nvme"):
-        if dtype_bytes < 4:
-            out["host_master"] = pin(part * 4, oo.get("pin_memory"))
+        out["host_master"] = pin(part * 4, oo.get("pin_memory")) if o_dev == "cpu" else 0
         out["host_grads"] = pin(part * 4, oo.get("pin_memory"))
         if o_dev == "cpu":
             out["host_optimizer"] = part * 8
@@ -88,11 +99,9 @@ def host_terms(ds_config: dict, num_params: int, world_size: int = 1, dtype_byte
     prefetch = _num(zero.get("stage3_prefetch_bucket_size"), 0.9 * hidden_sq or 5e7)
     live = _num(zero.get("stage3_max_live_parameters"), 1e9)
     sub = _num(zero.get("sub_group_size"), 1e9)
-    staging = min(reduce, num_params) * dtype_bytes
-    # gathered parameters: the live limit, but never more than the whole model nor less than one parameter
-    staging += max(min(live + prefetch, num_params), largest_param) * dtype_bytes
-    staging += min(sub, part) * 4  # one sub-group's fp32 scratch in the CPU optimizer step
-    out["host_staging"] = int(staging)
+    if not cuda:  # the compute device is the host
+        out["host_gathered"] = int(max(min(live + prefetch, num_params), largest_param) * dtype_bytes)
+        out["host_reduce"] = int(2 * min(reduce, num_params) * 4)
     swap = 0
     if p_dev == "nvme":
         swap += int(_num(op.get("buffer_count"), 5) * min(_num(op.get("buffer_size"), 1e8), num_params)
@@ -104,7 +113,8 @@ def host_terms(ds_config: dict, num_params: int, world_size: int = 1, dtype_byte
         swap += int(_num(aio.get("block_size"), 1048576) * _num(aio.get("queue_depth"), 8)
                     * _num(aio.get("thread_count"), 1))
         out["host_swap"] = swap
-    return out
+    out["host_runtime"] = ENGINE_RUNTIME
+    return {k: v for k, v in out.items() if v}
 
 
 def size_to_budget(ds_config: dict, budget_bytes: int, num_params: int, world_size: int = 1,
@@ -120,8 +130,8 @@ def size_to_budget(ds_config: dict, budget_bytes: int, num_params: int, world_si
     for k in _SHARES:
         fz[k] = 0
     fixed = host_terms(fixed_cfg, num_params, world_size, dtype_bytes, hidden_size)
-    fixed.pop("host_staging", None)
-    fixed.pop("host_swap", None)
+    for k in ("host_gathered", "host_reduce", "host_swap"):
+        fixed.pop(k, None)
     need = sum(fixed.values())
     floor = need + 4 * MIN_BUCKET * 4
     if budget_bytes < floor:
@@ -134,9 +144,10 @@ def size_to_budget(ds_config: dict, budget_bytes: int, num_params: int, world_si
     if nvme_p or nvme_o:
         left //= 2  # half of the slack to the swap buffers
     for key, share in _SHARES.items():
-        per_elem = 4 if key == "sub_group_size" else dtype_bytes
+        per_elem = {"sub_group_size": 4, "reduce_bucket_size": 8}.get(key, dtype_bytes)
         n = int(left * share / per_elem)
-        zero[key] = int(max(MIN_BUCKET, min(n, DEEPSPEED_DEFAULTS[key])))
+        cap = -(-num_params // max(world_size, 1)) if key == "sub_group_size" else num_params
+        zero[key] = int(max(MIN_BUCKET, min(n, DEEPSPEED_DEFAULTS[key], cap)))  # never beyond the model
     zero["stage3_max_reuse_distance"] = zero["stage3_max_live_parameters"]
     if nvme_p:
         op = zero["offload_param"]

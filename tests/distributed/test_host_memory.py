@@ -6,7 +6,7 @@ import pytest
 
 from hf_memkit import estimate_memory, load_recipe
 from hf_memkit.errors import RecipeError
-from hf_memkit.memory.host import DEEPSPEED_DEFAULTS, GiB, host_terms, size_to_budget
+from hf_memkit.memory.host import DEEPSPEED_DEFAULTS, ENGINE_RUNTIME, GiB, host_terms, size_to_budget
 
 P = 10_000_000
 
@@ -20,17 +20,20 @@ def test_cpu_offload_terms_per_rank():
     t = host_terms(_offload(reduce_bucket_size=1000, stage3_prefetch_bucket_size=1000,
                             stage3_max_live_parameters=1000, sub_group_size=1000), P, world_size=2, dtype_bytes=2)
     part = P // 2
-    assert t["host_params"] == 2 * part  # bf16 partition
+    assert t["host_params"] == 2 * 2 * part  # bf16 partitions + the flat CPU buffer they are copied into
     assert t["host_master"] == 4 * part and t["host_grads"] == 4 * part and t["host_optimizer"] == 8 * part
-    assert t["host_staging"] == 1000 * 2 + 2000 * 2 + 1000 * 4
+    assert t["host_gathered"] == 2000 * 2 and t["host_reduce"] == 2 * 1000 * 4  # CPU: the device is the host
+    assert t["host_runtime"] == ENGINE_RUNTIME
     assert "host_swap" not in t
+    on_gpu = host_terms(_offload(), P, world_size=2, dtype_bytes=2, cuda=True)
+    assert "host_gathered" not in on_gpu and "host_reduce" not in on_gpu
     assert host_terms({"zero_optimization": {"stage": 2}}, P) == {}  # no offload, no host terms
 
 
 def test_pinned_buffers_round_up_to_powers_of_two_on_cuda():
     cuda = host_terms(_offload(), 3_000_000, world_size=1, dtype_bytes=4, cuda=True)
     cpu = host_terms(_offload(), 3_000_000, world_size=1, dtype_bytes=4, cuda=False)
-    assert cuda["host_params"] == 16 * 2**20 and cpu["host_params"] == 12_000_000
+    assert cuda["host_params"] == 12_000_000 + 16 * 2**20 and cpu["host_params"] == 2 * 12_000_000
     assert cuda["host_optimizer"] == cpu["host_optimizer"]  # moments are not pinned
 
 

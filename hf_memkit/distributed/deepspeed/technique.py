@@ -94,6 +94,8 @@ class DeepSpeedTechnique(DistributedTechnique):
         return {"deepspeed": self.resolved(model_config), **cpu_ranks()}
 
     def estimate(self, mem: Any) -> None:
+        import torch
+
         from ...memory.host import host_terms
 
         data = self.resolved(mem.model.config, mem.world_size)
@@ -101,7 +103,7 @@ class DeepSpeedTechnique(DistributedTechnique):
         num = sum(p.numel for p in mem.params.values())
         largest = max((p.numel for p in mem.params.values()), default=0)
         for cat, n in host_terms(data, num, mem.world_size, mem.dtype_bytes, mem.model.config.hidden_size,
-                                 largest).items():
+                                 largest, cuda=torch.cuda.is_available()).items():
             mem.host[cat] = mem.host.get(cat, 0) + n
 
 
