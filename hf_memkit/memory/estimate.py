@@ -145,6 +145,11 @@ class MemoryEstimate:
         for c, b in cats.items():
             lines.append(f"{c:<{width}}  {b / 2**20:>10.1f}")
         lines.append(f"{'total':<{width}}  {sum(cats.values()) / 2**20:>10.1f}")
+        if self.host:
+            lines.append("host RAM per rank (ZeRO offload)")
+            for c, b in self.host.items():
+                lines.append(f"  {c:<{width - 2}}  {b / 2**20:>10.1f}")
+            lines.append(f"  {'total':<{width - 2}}  {sum(self.host.values()) / 2**20:>10.1f}")
         return "\n".join(lines)
 
 

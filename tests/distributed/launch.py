@@ -35,7 +35,7 @@ def launch(tmp: Path, out: Path, recipe: str | None, *extra: str, nproc: int = 2
     from hf_memkit.data.models import tiny_dir
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ["PET_MASTER_PORT"] = str(free_port())  # torchrun's --master-port, through `memkit run`
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = script_args(tiny_dir(), corpus(tmp), out, "--train_sampling_strategy", "sequential",
                        "--logging_steps", "1", *extra)
@@ -48,10 +48,6 @@ def launch(tmp: Path, out: Path, recipe: str | None, *extra: str, nproc: int = 2
         path.write_text(recipe, encoding="utf-8")
         cmd = [sys.executable, "-m", "hf_memkit.run", f"--nproc-per-node={nproc}", str(STOCK),
                "--memkit_recipe", str(path), *args]
-        if nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                   f"--master-port={os.environ['MASTER_PORT']}", "-m", "hf_memkit.run", str(STOCK),
-                   "--memkit_recipe", str(path), *args]
     proc = run(cmd, cwd=tmp, timeout=timeout)
     assert proc.returncode == 0, explain(proc)
     return proc
