@@ -15,9 +15,10 @@ def rss(field):
 
 
 def main(out, model_kind, budget_gb, steps):
-    import deepspeed  # noqa: F401  (libraries in the baseline, not in the measured growth)
-    import deepspeed.runtime.zero.stage3  # noqa: F401
-    import deepspeed.runtime.engine  # noqa: F401
+    import importlib
+
+    for mod in ("deepspeed", "deepspeed.runtime.zero.stage3", "deepspeed.runtime.engine"):
+        importlib.import_module(mod)  # libraries belong to the baseline, not to the measured growth
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

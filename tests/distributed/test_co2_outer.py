@@ -80,6 +80,7 @@ def _spawn(tmp_path, cfg, steps, lr):
     return torch.load(out)
 
 
+@pytest.mark.slow
 def test_interval_1_blocking_no_momentum_is_synchronous_data_parallel_sgd(tmp_path):
     cfg = dict(outer_interval=1, outer_lr=1.0, outer_momentum=0.0, staleness_penalty=1.0, clip=None,
                asynchronous=False)
@@ -91,6 +92,7 @@ def test_interval_1_blocking_no_momentum_is_synchronous_data_parallel_sgd(tmp_pa
     torch.testing.assert_close(res["trajectory"], torch.stack(expected), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stale_asynchronous_outer_steps_converge_on_a_quadratic(tmp_path):
     cfg = dict(outer_interval=4, outer_lr=1.0, outer_momentum=0.2, staleness_penalty=1.0, clip=1.0,
                asynchronous=True)

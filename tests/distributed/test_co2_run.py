@@ -17,8 +17,9 @@ def test_co2_interval_1_blocking_equals_synchronous_sgd(tmp_path):
     base = tmp_path / "single"
     launch(tmp_path, base, None, *SGD, batch=4, steps=4)
     co2 = tmp_path / "co2"
-    proc = launch(tmp_path, co2, "memkit: 1\ndistributed: {co2: {outer_interval: 1, outer_momentum: 0.0, outer_lr: 1.0, "
-           "staleness_penalty: 1.0, clip: null, asynchronous: false}}\n", *SGD, steps=4)
+    recipe = ("memkit: 1\ndistributed: {co2: {outer_interval: 1, outer_momentum: 0.0, outer_lr: 1.0, "
+              "staleness_penalty: 1.0, clip: null, asynchronous: false}}\n")
+    proc = launch(tmp_path, co2, recipe, *SGD, steps=4)
     assert losses(co2) == pytest.approx(losses(base), rel=1e-4)
     # equal because the parameter average replaced the gradient all-reduce, not because both ran
     assert "co2 turned off DDP's per-step gradient all-reduce" in proc.stderr

@@ -21,8 +21,9 @@ def clip_(m: torch.Tensor, clip: float | None, mode: str = "value") -> torch.Ten
 @torch.no_grad()
 def outer_step_(anchor: torch.Tensor, momentum: torch.Tensor, averaged: torch.Tensor, *, lr: float, beta: float,
                 penalty: float, clip: float | None, clip_mode: str = "value") -> torch.Tensor:
-    """m ← β·m + (θ_old − θ̄)/λ ; m ← clip(m) ; θ_old ← θ_old − α·m. Updates ``anchor`` and ``momentum`` (flat
-    fp32 tensors) in place and returns ``anchor``."""
+    """m ← β·m + (θ_old − θ̄)/λ ; m ← clip(m) ; θ_old ← θ_old − α·m.
+
+    Updates ``anchor`` and ``momentum`` (flat fp32 tensors) in place and returns ``anchor``."""
     momentum.mul_(beta).add_((anchor - averaged) / penalty)
     clip_(momentum, clip, clip_mode)
     return anchor.sub_(momentum, alpha=lr)

@@ -11,7 +11,8 @@ from .config import FSDPConfig
 class FSDPTechnique(DistributedTechnique):
     name: ClassVar[str] = "fsdp"
     config_cls = FSDPConfig
-    summary: ClassVar[str] = "PyTorch FSDP (full_shard / shard_grad_op, optional CPU offload) filling the Trainer's own `fsdp` arguments"
+    summary: ClassVar[str] = ("PyTorch FSDP (full_shard / shard_grad_op, optional CPU offload) filling the Trainer's "
+                              "own `fsdp` arguments")
     reference: ClassVar[str] = "Zhao et al. 2023 (PyTorch FSDP)"
     conflicts: ClassVar[dict[str, str]] = {
         "training_args:fsdp": "distributed.fsdp sets TrainingArguments.fsdp itself",
