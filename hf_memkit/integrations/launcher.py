@@ -155,11 +155,11 @@ def run_script(script: str, script_args: list[str]) -> int:
 
 def _close_process_group() -> None:
     """Tear down the ranks' process group (torchrun) before the interpreter exits: a group left to the
-    interpreter's shutdown can abort the process (gloo/DeepSpeed threads still attached)."""
+    interpreter's shutdown can abort the process (gloo/DeepSpeed threads still attached). Local, no barrier: a
+    rank whose script failed must exit so that torchrun stops the others."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 RECIPES = {
     "zero2": "memkit: 1\ndistributed: {deepspeed: {preset: zero2}}\n",
     "zero3": "memkit: 1\ndistributed: {deepspeed: {preset: zero3}}\n",
+    "zero3_offload": "memkit: 1\ndistributed: {deepspeed: {preset: zero3_offload, host_memory_gb: 1}}\n",
     "fsdp": "memkit: 1\ndistributed: {fsdp: {}}\n",
 }
 
