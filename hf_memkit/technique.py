@@ -16,6 +16,10 @@ Every hook is optional. A technique declares the slot it lives in, its pydantic 
 ``conflicts`` with or ``requires`` (technique names, or ``slot:`` / ``training_args:`` references, see
 :func:`hf_memkit.recipe.check_compatibility`).
 
+Two optional extras: ``training_args(model_config)`` returns TrainingArguments fields the technique sets (the
+``distributed`` slot fills ``deepspeed``/``fsdp``), and ``bind_trainer(trainer)``, when defined, is called once
+the Trainer is built (CO2 uses it to reach the DDP wrapper and switch its per-step gradient sync off).
+
 Distributed engines are a separate axis, declared in ``unsupported_engines``: the engines (see
 :data:`hf_memkit.distributed.engines.ENGINES`: ``ddp``, ``zero1``, ``zero2``, ``zero3``, ``fsdp``, ``co2``) a
 technique cannot run under, each mapped to the reason. Every engine not listed is supported. The recipe loader

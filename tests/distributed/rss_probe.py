@@ -35,6 +35,11 @@ def main(out, model_kind, budget_gb, steps):
         config.hidden_size, config.intermediate_size, config.num_hidden_layers = 512, 1536, 4
         config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 8, 64
         config.vocab_size = 8192
+    if model_kind == "smollm2":
+        from hf_memkit.data.models import resolve_config
+
+        config = resolve_config("smollm2")
+        config.dtype = torch.float32  # trained in fp32 on CPU, as the estimate assumes
     recipe = {"distributed": {"deepspeed": {"preset": "zero3_offload", "host_memory_gb": budget_gb}}}
     est = estimate_memory(config, recipe, world_size=int(os.environ["WORLD_SIZE"]), batch_size=2, seq_len=32)
     d = est.to_dict()
