@@ -31,7 +31,7 @@ environment fixes the threshold and RSS then follows the live bytes this module 
 replaces are :data:`DEEPSPEED_DEFAULTS`.
 
 Measured (2 CPU ranks, zero3_offload, fp32, batch 2 × 32 tokens, peak RSS growth per rank vs estimate incl. the
-compute terms): tiny 27.8 vs 29.2 MiB; 22M-parameter wide model 551.9 vs 545.5 MiB; SmolLM2-135M with
+compute terms): tiny 27.8 vs 28.2 MiB; 22M-parameter wide model 551.9 vs 545.5 MiB; SmolLM2-135M with
 ``host_memory_gb: 4`` 2754 vs 2701 MiB (−1.9%), its buffers sized to reduce_bucket_size 66.4M (default 5e8),
 stage3_max_live_parameters and stage3_max_reuse_distance 134.5M (1e9), sub_group_size 67.3M (1e9).
 """
