@@ -60,6 +60,9 @@ _BUILTIN_MODULES = (
     "hf_memkit.activations.mesa.technique",
     "hf_memkit.activations.wta_crs.technique",
     "hf_memkit.activations.offload.technique",
+    "hf_memkit.distributed.deepspeed.technique",
+    "hf_memkit.distributed.fsdp.technique",
+    "hf_memkit.distributed.co2.technique",
 )
 
 

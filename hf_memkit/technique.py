@@ -15,6 +15,18 @@ The trainer wiring (``hf_memkit.integrations.trainer``) calls the hooks in this 
 Every hook is optional. A technique declares the slot it lives in, its pydantic config class, and what it
 ``conflicts`` with or ``requires`` (technique names, or ``slot:`` / ``training_args:`` references, see
 :func:`hf_memkit.recipe.check_compatibility`).
+
+Two optional extras: ``training_args(model_config)`` returns TrainingArguments fields the technique sets (the
+``distributed`` slot fills ``deepspeed``/``fsdp``), and ``bind_trainer(trainer)``, when defined, is called once
+the Trainer is built (CO2 uses it to reach the DDP wrapper and switch its per-step gradient sync off).
+
+Distributed engines are a separate axis, declared in ``unsupported_engines``: the engines (see
+:data:`hf_memkit.distributed.engines.ENGINES`: ``ddp``, ``zero1``, ``zero2``, ``zero3``, ``fsdp``, ``co2``) a
+technique cannot run under, each mapped to the reason. Every engine not listed is supported. The recipe loader
+checks the engine the recipe selects (``distributed:`` slot or ``training_args.deepspeed``/``fsdp``) and the
+trainer wiring checks the engine the run actually uses (command-line ``--deepspeed``/``--fsdp``, or several
+ranks = ``ddp``); the error names the reason and the engines that do work. The README's compatibility table is
+generated from these declarations.
 """
 
 from __future__ import annotations
@@ -74,6 +86,9 @@ class Technique:
     conflicts: ClassVar[dict[str, str]] = {}
     #: references (same syntax) that must be present in the recipe, mapped to the reason
     requires: ClassVar[dict[str, str]] = {}
+    #: distributed engines this technique does not work under (``zero3``, ``fsdp``, ...; see the module
+    #: docstring), mapped to why; everything else is supported
+    unsupported_engines: ClassVar[dict[str, str]] = {}
     #: one-line summary for ``memkit recipes list`` and the README table
     summary: ClassVar[str] = ""
     #: the paper or library this technique comes from
@@ -86,6 +101,12 @@ class Technique:
     # 1
     def validate(self, ctx: ValidationContext) -> None:
         """Raise a typed error (RecipeError, IncompatibleModelError) when this run cannot work."""
+
+    def training_args(self, model_config: Any = None) -> dict[str, Any]:
+        """TrainingArguments fields this technique sets (the ``distributed`` slot fills ``deepspeed``/``fsdp``),
+        given the model's config (None when there is no model yet). They sit under the recipe's own
+        ``training_args``; flags given on the command line still win."""
+        return {}
 
     # 2
     def estimate(self, mem: Any) -> None:

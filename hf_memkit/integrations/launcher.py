@@ -149,4 +149,17 @@ def run_script(script: str, script_args: list[str]) -> int:
         return code if isinstance(code, int) else (0 if code is None else 1)
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down the ranks' process group (torchrun) before the interpreter exits: a group left to the
+    interpreter's shutdown can abort the process (gloo/DeepSpeed threads still attached). Local, no barrier: a
+    rank whose script failed must exit so that torchrun stops the others."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

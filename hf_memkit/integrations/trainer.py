@@ -51,6 +51,28 @@ class RecipeRuntime:
         for t in self.techniques:
             t.validate(ctx)
 
+    def training_args(self, model: Any = None) -> dict[str, Any]:
+        """The TrainingArguments this run sets: the techniques' own (``distributed`` fills ``deepspeed``/``fsdp``)
+        under the recipe's ``training_args``."""
+        config = getattr(model, "config", None)
+        out: dict[str, Any] = {}
+        for t in self.techniques:
+            out.update(t.training_args(config))
+        out.update(self.recipe.training_args)
+        return out
+
+    def check_engine(self, args: Any) -> None:
+        """The engine the run really uses (command-line ``--deepspeed``/``--fsdp`` included) against every
+        technique's ``unsupported_engines``."""
+        from ..distributed.engines import args_engine, check_engine
+
+        dist_t = self.of_slot("distributed")
+        engine = args_engine(args)
+        if engine == "ddp" and dist_t is not None and dist_t.name == "co2":
+            engine = "co2"
+        check_engine(self.techniques, engine, path=self.recipe.source,
+                     extra_engine="ddp" if engine == "co2" else None)
+
     # patch ----------------------------------------------------------------------------------------------------
     def patch(self, model: Any) -> Any:
         if self.handles:
@@ -268,6 +290,10 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
     for n, fn in (("create_optimizer", create_optimizer), ("compute_loss", compute_loss),
                   ("_save_checkpoint", _save_checkpoint), ("train", train)):
         setattr(trainer, n, fn)
+    for t in runtime.techniques:  # techniques that act on the wrapped model (CO2 turns DDP's gradient sync off)
+        bind = getattr(t, "bind_trainer", None)
+        if bind is not None:
+            bind(trainer)
     callbacks = [cb for t in runtime.techniques for cb in t.callbacks()]
     for cb in callbacks:
         trainer.add_callback(cb)
@@ -306,9 +332,15 @@ def prepare(model: Any, args: Any, recipe: Recipe, *, trainer_has_optimizer: boo
             path=recipe.source,
             fix="pass model=... to the Trainer instead of model_init",
         )
-    runtime.validate(model, recipe.training_args, trainer_has_optimizer)
+    overrides = runtime.training_args(model)
+    runtime.validate(model, overrides, trainer_has_optimizer)
     if args is not None:
-        args = apply_training_args(args, recipe.training_args, keep=keep_args, source=recipe.source)
+        args = apply_training_args(args, overrides, keep=keep_args, source=recipe.source)
+        runtime.check_engine(args)
+        if runtime.of_slot("distributed") is not None:
+            # accelerate decides "distributed or not" when the device is first asked for; on CPU ranks nothing
+            # asks before Trainer.__init__ refuses FSDP as "not distributed", so ask now (GPU runs do the same)
+            _ = args.device
     if model is not None:
         model = runtime.patch(model)
     return model, args, runtime
@@ -332,8 +364,17 @@ def apply_recipe(trainer: Any, recipe: "Recipe | str | dict") -> Any:
             path=recipe.source,
             fix="build the Trainer with MemkitTrainer(..., recipe=...) so the recipe applies before wrapping",
         )
+    if recipe.slot("distributed"):
+        raise RecipeError(
+            "apply_recipe cannot add a distributed engine to a Trainer that is already built (the accelerator and "
+            "the model wrapping are fixed in Trainer.__init__)",
+            path=recipe.source,
+            key=f"distributed.{recipe.slot('distributed')[0].name}",
+            fix="build the Trainer with MemkitTrainer(..., recipe=...) or launch with `memkit run`",
+        )
     runtime = RecipeRuntime(recipe)
     runtime.validate(trainer.model, recipe.training_args, _trainer_has_optimizer(trainer))
+    runtime.check_engine(trainer.args)
     new_args = apply_training_args(trainer.args, recipe.training_args, source=recipe.source)
     if new_args is not trainer.args:
         trainer.args = new_args

@@ -61,6 +61,9 @@ class MemoryEstimate:
     aliases: dict[str, str] = field(default_factory=dict)
     #: modules whose input autograd keeps even when their weight is frozen (e.g. LoRA without dropout)
     needs_input: set[str] = field(default_factory=set)
+    #: host RAM per rank for ZeRO CPU/NVMe offload (:mod:`hf_memkit.memory.host`), kept apart from the device
+    #: categories: ``to_dict()["host_offload"]``
+    host: dict[str, int] = field(default_factory=dict)
 
     @property
     def dtype_bytes(self) -> int:
@@ -124,8 +127,10 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         cats = self.categories()
+        extra = {"host_offload": {**self.host, "total_bytes": sum(self.host.values())}} if self.host else {}
         return {
             **cats,
+            **extra,
             "total_bytes": sum(cats.values()),
             "inputs": {"batch_size": self.batch_size, "seq_len": self.seq_len, "dtype": self.dtype,
                        "gradient_checkpointing": self.gradient_checkpointing, "world_size": self.world_size,
@@ -140,6 +145,11 @@ class MemoryEstimate:
         for c, b in cats.items():
             lines.append(f"{c:<{width}}  {b / 2**20:>10.1f}")
         lines.append(f"{'total':<{width}}  {sum(cats.values()) / 2**20:>10.1f}")
+        if self.host:
+            lines.append("host RAM per rank (ZeRO offload)")
+            for c, b in self.host.items():
+                lines.append(f"  {c:<{width - 2}}  {b / 2**20:>10.1f}")
+            lines.append(f"  {'total':<{width - 2}}  {sum(self.host.values()) / 2**20:>10.1f}")
         return "\n".join(lines)
 
 
@@ -169,7 +179,8 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
     """Estimate per-rank training memory for ``model`` (a name such as ``tiny``/``smollm2``, a local path, a
     transformers config or a model) under ``recipe``. Builds no weights. With ``world_size`` > 1 and a ZeRO
     stage, the partitioned categories are divided by the number of ranks (activations and logits are per
-    rank already: ``batch_size`` is the per-device batch)."""
+    rank already: ``batch_size`` is the per-device batch). A ``distributed: {deepspeed: ...}`` recipe sets the
+    ZeRO stage itself and, with offload, adds the host-RAM terms (``to_dict()["host_offload"]``)."""
     from ..data.models import resolve_config
     from ..recipe import load_recipe
 
@@ -187,6 +198,7 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
         raise ValueError(f"world size must be at least 1 (got {world_size})")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch size and sequence length must be at least 1 (got {batch_size} and {seq_len})")
+    mem.world_size, mem.zero_stage = world_size, zero_stage  # before the hooks: distributed ones read them
     first: dict[int, str] = {}
     for n, p in meta.named_parameters(remove_duplicate=False):
         if id(p) in first:  # tied weights are stored once
@@ -208,5 +220,4 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
     if not recipe.slot("optimizer"):
         # the stock Trainer's default optimizer is AdamW (torch): two fp32 moments per trainable element
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), "trainer default adamw")
-    mem.world_size, mem.zero_stage = world_size, zero_stage
     return mem

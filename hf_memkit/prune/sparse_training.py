@@ -41,12 +41,18 @@ class SparseTrainingFields(TechniqueConfig):
                                     "suffix) kept dense")
 
 
+_ENGINE_REASON = (
+    "2:4 masks are chosen over groups of 4 inputs of whole weight rows and applied in the optimizer step; "
+    "ZeRO/FSDP hand the optimizer flat partitions or shards"
+)
+
+
 class SparseTrainingTechnique(OptimizerTechnique):
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
     kind: ClassVar[str] = ""
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
         "slot:adapter": "2:4 sparse training updates the base Linear weights, which an adapter freezes",
-        "slot:distributed": "masks are computed per whole weight; sharded (FSDP/ZeRO-3) weights split the groups",
         "slot:compress": "train to 2:4 first and export; compress the exported checkpoint in a second recipe",
     }
 

@@ -157,10 +157,17 @@ def dataset_batches(dataloader: Any, num_samples: int):
         yield collate(rows[i:i + CALIBRATION_BATCH])
 
 
+_ENGINE_REASON = (
+    "runs on whole weights after training; under ZeRO-3/FSDP each rank holds only shards. Train without it, "
+    "then run `memkit compress` on the saved model"
+)
+
+
 class CompressTechnique(Technique):
     """Base of the ``compress`` slot techniques (not registered itself: it has no name)."""
 
     slot: ClassVar[str] = "compress"
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero3", "fsdp")}
     role: ClassVar[str] = QUANTIZER
     calibrated: ClassVar[bool] = False
 

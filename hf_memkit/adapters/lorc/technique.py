@@ -22,12 +22,18 @@ def _unlink(path: str) -> None:
         pass
 
 
+_ENGINE_REASON = (
+    "the quantized frozen base lives in integer tensors that ZeRO-3/FSDP do not shard and gather"
+)
+
+
 class LorcAdapterTechnique(Technique):
     name: ClassVar[str] = "lorc"
     slot: ClassVar[str] = "adapter"
     config_cls = LorcAdapterConfig
     summary: ClassVar[str] = "quantized frozen base + trainable LoRC (SVD-initialised) branch, exports as LoRA"
     reference: ClassVar[str] = "Yao et al. 2023, ZeroQuant-V2 §5; PEFT type LORC"
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero3", "fsdp")}
     conflicts: ClassVar[dict[str, str]] = {
         "slot:compress": "the lorc adapter quantizes the base itself; a compress pass would quantize it twice",
     }

@@ -7,12 +7,18 @@ from ..lora.technique import attach_lora, estimate_lora
 from .config import QLoraConfig
 
 
+_ENGINE_REASON = (
+    "bitsandbytes 4-bit base weights (uint8 Params4bit) are not partitioned/gathered by ZeRO-3 or FSDP here"
+)
+
+
 class QLoraTechnique(Technique):
     name: ClassVar[str] = "qlora"
     slot: ClassVar[str] = "adapter"
     config_cls = QLoraConfig
     summary: ClassVar[str] = "bitsandbytes 4-bit (nf4) frozen base + PEFT LoRA"
     reference: ClassVar[str] = "Dettmers et al. 2023; bitsandbytes Linear4bit + peft"
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero3", "fsdp")}
 
     def validate(self, ctx: ValidationContext) -> None:
         from ...integrations.peft_utils import lora_config

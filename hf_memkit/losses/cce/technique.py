@@ -18,18 +18,26 @@ from .config import CCEConfig
 MiB = 2**20
 
 
+_SHARDED_HEAD = (
+    "ZeRO-3/FSDP shard lm_head's weight and gather it only inside lm_head.forward, which the fused loss bypasses "
+    "(it reads lm_head.weight directly); ZeRO-1/2 and DDP keep the whole weight on every rank"
+)
+
+
 class CCETechnique(Technique):
     name: ClassVar[str] = "cce"
     slot: ClassVar[str] = "loss"
     config_cls = CCEConfig
     summary: ClassVar[str] = "Cut Cross-Entropy: causal-LM loss from hidden states + lm_head, no N×V logits"
     reference: ClassVar[str] = "Wijmans et al. 2024; apple/ml-cross-entropy"
+    unsupported_engines: ClassVar[dict[str, str]] = {
+        "zero3": _SHARDED_HEAD,
+        "fsdp": _SHARDED_HEAD,
+    }
     conflicts: ClassVar[dict[str, str]] = {
         "training_args:label_smoothing_factor": "label smoothing is applied by the Trainer to materialised logits, "
         "which loss.cce never builds",
         "training_args:use_liger_kernel": "Liger replaces the model's forward with its own fused loss",
-        "training_args:fsdp": "FSDP shards lm_head's weight and gathers it only inside lm_head.forward, which the "
-        "fused loss bypasses",
     }
 
     def __init__(self, config: CCEConfig | None = None):

@@ -5,7 +5,12 @@ from typing import Any, ClassVar
 from ..base import OptimizerTechnique
 from .config import CosmosConfig
 
-_NEEDS_WHOLE_MATRICES = "the update needs each hidden matrix whole; DeepSpeed/FSDP shard or flatten them"
+
+
+_ENGINE_REASON = (
+    "needs each weight's whole 2-D gradient (per-matrix projections); ZeRO hands the optimizer flat 1-D "
+    "partitions and FSDP shards the matrices"
+)
 
 
 class CosmosTechnique(OptimizerTechnique):
@@ -13,9 +18,9 @@ class CosmosTechnique(OptimizerTechnique):
     config_cls = CosmosConfig
     summary: ClassVar[str] = "COSMOS: SOAP in a rank-r eigensubspace + Muon on the rest (~0.6x AdamW state)"
     reference: ClassVar[str] = "Liu et al. 2025; lliu606/COSMOS"
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
-        "slot:distributed": _NEEDS_WHOLE_MATRICES,
     }
 
     def create_optimizer(self, model: Any, args: Any):

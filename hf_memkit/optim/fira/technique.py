@@ -6,14 +6,20 @@ from ..base import OptimizerTechnique
 from .config import FiraConfig
 
 
+_ENGINE_REASON = (
+    "needs each weight's whole 2-D gradient (per-matrix projections); ZeRO hands the optimizer flat 1-D "
+    "partitions and FSDP shards the matrices"
+)
+
+
 class FiraTechnique(OptimizerTechnique):
     name: ClassVar[str] = "fira"
     config_cls = FiraConfig
     summary: ClassVar[str] = "Fira: GaLore low-rank Adam + scaled full-rank residual (~0.15x AdamW state)"
     reference: ClassVar[str] = "Chen et al. 2024; xichen-fy/Fira"
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
-        "slot:distributed": "the projection needs each gradient matrix whole; DeepSpeed/FSDP shard or flatten them",
     }
 
     def create_optimizer(self, model: Any, args: Any):

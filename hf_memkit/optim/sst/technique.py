@@ -8,6 +8,12 @@ from ..base import OptimizerTechnique
 from .config import SSTConfig
 
 
+_ENGINE_REASON = (
+    "re-samples singular vectors of whole U/V matrices and resets their moments in place; ZeRO's flat "
+    "partitions and FSDP's shards hide the matrices"
+)
+
+
 class SSTTechnique(OptimizerTechnique):
     """Patches the model (Linear → SSTLinear) and builds the SST optimizer over it.
 
@@ -22,10 +28,10 @@ class SSTTechnique(OptimizerTechnique):
     config_cls = SSTConfig
     summary: ClassVar[str] = "Sparse Spectral Training: W = U·diag(Σ)·Vᵀ, all Σ + r sampled pairs train"
     reference: ClassVar[str] = "Zhao et al., ICML 2025, arXiv 2405.15481"
+    unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
         "slot:adapter": "SST re-parameterises the base Linear layers, which an adapter freezes and wraps",
-        "slot:distributed": "the re-SVD and column swaps need each layer whole; DeepSpeed/FSDP shard them",
         "slot:compress": "compression expects nn.Linear layers; train with SST, save (the checkpoint is a plain "
                          "model), then compress that checkpoint in a second recipe",
     }

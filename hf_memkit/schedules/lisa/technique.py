@@ -33,6 +33,12 @@ logger = logging.getLogger("hf_memkit")
 KEY = "schedule.lisa"
 
 
+_FLAT = (
+    "DeepSpeed/FSDP build flat parameter groups and partitions once; per-layer freezing and optimizer-state "
+    "dropping need the original parameters"
+)
+
+
 class LisaTechnique(Technique):
     name: ClassVar[str] = "lisa"
     slot: ClassVar[str] = "schedule"
@@ -40,16 +46,17 @@ class LisaTechnique(Technique):
     summary: ClassVar[str] = ("LISA: γ sampled decoder layers + embeddings/head train, re-drawn every K steps; "
                               "state of inactive layers dropped")
     reference: ClassVar[str] = "Pan et al. 2024; OptimalScale/LMFlow"
+    unsupported_engines: ClassVar[dict[str, str]] = {
+        "zero1": _FLAT,
+        "zero2": _FLAT,
+        "zero3": _FLAT,
+        "fsdp": _FLAT,
+        "co2": "CO2 averages the parameters that train when training starts; LISA changes that set every K steps",
+    }
     conflicts: ClassVar[dict[str, str]] = {
         "slot:adapter": "an adapter freezes the base model and trains its own small tensors, so LISA would only "
         "switch adapter tensors on and off; use LISA for full-parameter training or an adapter, not both",
         "sparse_update": "both decide which parameters train",
-        "slot:distributed": "distributed engines keep parameters and optimizer state in flat buffers built "
-        "once (ZeRO-3, FSDP), so layers can neither be frozen nor have their state dropped step by step",
-        "training_args:deepspeed": "DeepSpeed builds flat parameter groups and optimizer partitions once; "
-        "LISA's per-step freezing and state dropping cannot reach them",
-        "training_args:fsdp": "FSDP flattens parameters into shards; per-layer freezing and state dropping "
-        "need the original parameters",
     }
 
     def __init__(self, config: LisaConfig | None = None):

@@ -32,6 +32,12 @@ MiB = 2**20
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0}
 
 
+_FLAT = (
+    "DeepSpeed/FSDP flatten parameters into buffers built once; the channel slices and per-parameter freezing "
+    "need the original parameters"
+)
+
+
 class SparseUpdateTechnique(Technique):
     name: ClassVar[str] = "sparse_update"
     slot: ClassVar[str] = "schedule"
@@ -39,14 +45,17 @@ class SparseUpdateTechnique(Technique):
     summary: ClassVar[str] = ("sparse update: biases/norms of the last k layers + top-L2 input channels of chosen "
                               "weights; budget planner; int8 + QAS")
     reference: ClassVar[str] = "Lin et al. 2022; mit-han-lab/tiny-training"
+    unsupported_engines: ClassVar[dict[str, str]] = {
+        "zero1": _FLAT,
+        "zero2": _FLAT,
+        "zero3": _FLAT,
+        "fsdp": _FLAT,
+        "co2": "CO2 averages whole parameters; the channel slices train separate tensors swapped in and out",
+    }
     conflicts: ClassVar[dict[str, str]] = {
         "slot:adapter": "an adapter freezes the base model and trains its own tensors; a sparse update chooses "
         "which base parameters train — use one of them",
         "lisa": "both decide which parameters train",
-        "slot:distributed": "distributed engines flatten parameters into buffers built once; the channel slices "
-        "and per-parameter freezing need the original parameters",
-        "training_args:deepspeed": "DeepSpeed flattens parameters; the channel slices need the original ones",
-        "training_args:fsdp": "FSDP flattens parameters; the channel slices need the original ones",
     }
 
     def __init__(self, config: SparseUpdateConfig | None = None):
