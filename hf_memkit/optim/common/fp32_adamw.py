@@ -54,13 +54,38 @@ class FP32StateOptimizer(torch.optim.Optimizer):
                 if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.to(device=p.device, copy=True)
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The usual loop over parameters with a gradient; each one is updated by :meth:`param_step_`
+        (AdamW unless a subclass routes it elsewhere)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; use dense embeddings")
+                self.param_step_(p, self.state[p], group)
+        return loss
+
+    def param_step_(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        self.adamw_param_(p, state, group)
+
     @staticmethod
-    def adamw_param_(p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def init_moments_(p: torch.Tensor, state: dict[str, Any]) -> None:
+        """fp32 Adam moments and a step counter for ``p``, once; then count one more step."""
         if not state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         state["step"] += 1
+
+    @classmethod
+    def adamw_param_(cls, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        cls.init_moments_(p, state)
         beta1, beta2 = group["betas"]
         adamw_update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
                       beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])

@@ -153,24 +153,11 @@ class Cosmos(FP32StateOptimizer):
         flag = group.get("cosmos")
         return p.dim() == 2 and (flag is None or bool(flag))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Cosmos does not support sparse gradients; use dense embeddings")
-                state = self.state[p]
-                if self.uses_cosmos(group, p):
-                    self._cosmos_param(p, state, group)
-                else:
-                    self.adamw_param_(p, state, group)
-        return loss
+    def param_step_(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if self.uses_cosmos(group, p):
+            self._cosmos_param(p, state, group)
+        else:
+            self.adamw_param_(p, state, group)
 
     def _cosmos_param(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         m, n = p.shape

@@ -108,23 +108,11 @@ class Fira(FP32StateOptimizer):
                         update_proj_gap=update_proj_gap, alpha=alpha, limiter=limiter, fira=False)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Fira does not support sparse gradients; use dense embeddings")
-                if group["fira"] and p.dim() == 2:
-                    self._fira_param(p, self.state[p], group)
-                else:
-                    self.adamw_param_(p, self.state[p], group)
-        return loss
+    def param_step_(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if group["fira"] and p.dim() == 2:
+            self._fira_param(p, state, group)
+        else:
+            self.adamw_param_(p, state, group)
 
     def _fira_param(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         m, n = p.shape

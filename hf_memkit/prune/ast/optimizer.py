@@ -46,29 +46,14 @@ class ASTAdamW(FP32StateOptimizer):
                                       ramp_steps=ramp_steps))
         self.owners = owners
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                owner = self.owners.get(id(p))
-                state = self.state[p]
-                if owner is None:
-                    self.adamw_param_(p, state, group)
-                    continue
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                b1, b2 = group["betas"]
-                ast_update_(p, p.grad, owner.sparse_mask, state["exp_avg"], state["exp_avg_sq"], step=state["step"],
-                            lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
-                            weight_decay=group["weight_decay"],
-                            decay=decay_at(state["step"], group["decay"], group["ramp_steps"]))
-        return loss
+    def param_step_(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        owner = self.owners.get(id(p))
+        if owner is None:
+            self.adamw_param_(p, state, group)
+            return
+        self.init_moments_(p, state)
+        b1, b2 = group["betas"]
+        ast_update_(p, p.grad, owner.sparse_mask, state["exp_avg"], state["exp_avg_sq"], step=state["step"],
+                    lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    decay=decay_at(state["step"], group["decay"], group["ramp_steps"]))
