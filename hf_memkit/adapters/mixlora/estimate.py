@@ -56,7 +56,7 @@ def _ffn_bytes_per_token(m: Any, cfg: Any, d: int) -> int:
     n_inner = len(kind.inner)
     per_copy = d * hidden * (1 + (2 * n_inner if cfg.lora_dropout > 0 else 0))  # routed token rows (+ dropout)
     per_copy += n_inner * d * (r + inter)  # each inner projection: A output, pre-activation rows
-    per_copy += d * inter * (4 if kind.name == "swiglu" else 2)  # activation inputs/outputs of expert and base
+    per_copy += d * inter  # the expert's activation output (the base activation is shared: ffn.mixture_forward)
     per_copy += d * (inter * (3 if cfg.lora_dropout > 0 else 1) + r)  # down-projection delta input (+dropout), A out
     per_copy += d * 2 * (inter + hidden) // 2 + 8  # gate weight products, index rows
     return router + k * per_copy
