@@ -30,7 +30,7 @@ def corpus(tmp: Path) -> Path:
 
 
 def launch(tmp: Path, out: Path, recipe: str | None, *extra: str, nproc: int = 2, batch: int = 2,
-           steps: int = 3, timeout: int = 240):
+           steps: int = 3, timeout: int = 600):
     """Run the stock script; ``recipe`` None = no recipe (a plain single-process baseline through the script)."""
     from hf_memkit.data.models import tiny_dir
 
