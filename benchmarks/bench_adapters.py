@@ -81,6 +81,7 @@ def mixlora_timing(hidden: int, inter: int, tokens: int, experts: list[int], top
         logits = torch.randn(tokens, E)
 
         def timed(fn):
+            fn().square().mean().backward()  # warm-up: the first run pays for allocator growth and thread pools
             best = float("inf")
             for _ in range(reps):
                 t0 = time.perf_counter()
