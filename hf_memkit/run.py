@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -21,8 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     if ns.nproc_per_node < 1:
         parser.error("--nproc-per-node must be at least 1")
     if ns.nproc_per_node > 1:
-        import os
-
         from .errors import RecipeError
         from .integrations.launcher import FLAG, extract_recipe_flag
         from .recipe import load_recipe
@@ -43,7 +42,30 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, cmd)
     from .integrations.launcher import run_script
 
-    return run_script(ns.script, ns.script_args)
+    code = run_script(ns.script, ns.script_args)
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # a rank started by torchrun
+        _exit_rank(code)
+    return code
+
+
+def _exit_rank(code: int) -> None:
+    """End a torchrun rank without the interpreter's teardown.
+
+    The script has returned and the process group is destroyed; what remains is Python finalising module
+    globals, which destroys C++ objects of torch.distributed/DeepSpeed in arbitrary order. One of them (a
+    ``std::thread`` still joinable) occasionally aborts the rank with "terminate called without an active
+    exception" after a successful run, and torchrun then reports the whole job failed. So: run the ``atexit``
+    handlers (loggers, temp files, trackers keep their shutdown), flush, and leave with the script's status.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -332,3 +332,36 @@ def test_logging_to_stderr_is_scoped(capsys):
     assert (log.level, log.propagate, list(log.handlers)) == before
     err = capsys.readouterr().err
     assert "hf_memkit: visible" in err and "not visible" not in err
+
+
+def test_a_torchrun_rank_skips_interpreter_teardown_but_keeps_atexit_and_status(work):
+    """Under torchrun a rank leaves through ``os._exit`` after the ``atexit`` handlers: C++ objects of the process
+    group are not finalised (their teardown could abort a rank after a successful run), buffered output and the
+    script's exit status survive."""
+    script = work / "rank_script.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "from pathlib import Path\n"
+        "atexit.register(lambda: Path('atexit_ran').write_text('yes'))\n"
+        "class Finalised:\n"
+        "    def __del__(self):\n"
+        "        Path('teardown_ran').write_text('yes')\n"
+        "KEEP = Finalised()\n"
+        "sys.stdout.write('buffered-without-newline')\n"
+        "sys.exit(3)\n", encoding="utf-8")
+    recipe = work / "empty_recipe.yaml"
+    recipe.write_text("memkit: 1\n", encoding="utf-8")
+    cwd = work / "rank"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "hf_memkit.run", str(script), "--memkit_recipe", str(recipe)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    as_rank = subprocess.run(cmd, cwd=cwd, env={**env, "TORCHELASTIC_RUN_ID": "test"}, capture_output=True,
+                             text=True, timeout=120)
+    assert as_rank.returncode == 3, explain(as_rank)
+    assert "buffered-without-newline" in as_rank.stdout
+    assert (cwd / "atexit_ran").is_file()
+    assert not (cwd / "teardown_ran").exists()
+    # the control: a plain process finalises its globals as usual
+    plain = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 3, explain(plain)
+    assert (cwd / "teardown_ran").is_file()
