@@ -77,16 +77,19 @@ def layer_saved_per_token(mem: Any, config: Any, layer: int, input_grad: bool, s
 
 
 def frozen_prefix_correction(mem: Any, config: Any, side: set[str] = frozenset(), *,
-                             prefix: str = "model.layers") -> int:
+                             prefix: str = "model.layers", embeddings_grad: bool | None = None) -> int:
     """Bytes (>= 0) the estimator's ``activations`` over-count because the bottom of the network needs no
     gradient. 0 when the embeddings train, under gradient checkpointing, or for non-Llama-style models (whose
-    activation estimate is an approximation anyway)."""
+    activation estimate is an approximation anyway). ``embeddings_grad=False``: the embedding output is detached
+    (a tied matrix that trains through the head only), whatever the embedding weight's flag says."""
     from .activations import layer_bytes_per_token
 
     if mem.gradient_checkpointing or getattr(config, "model_type", "") not in LLAMA_LIKE:
         return 0
     embed = mem.param("model.embed_tokens.weight")
     grad = bool(embed and embed.trainable) or "model.embed_tokens" in side
+    if embeddings_grad is not None:
+        grad = embeddings_grad
     if grad:
         return 0
     tokens = mem.batch_size * mem.seq_len

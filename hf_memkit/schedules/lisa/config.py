@@ -25,7 +25,10 @@ class LisaConfig(TechniqueConfig):
     Not for: adapters (LoRA freezes the base, so there is nothing for LISA to rotate), ZeRO-3/FSDP flat
     parameters (flags and state are per flat buffer), or runs of fewer than ``interval`` steps (only one set of
     layers ever trains). Gradients and optimizer state shrink; activations barely do while the embeddings train
-    (every layer's input then requires grad) — add gradient checkpointing or a fused loss for those.
+    (every layer's input then requires grad) — add gradient checkpointing or a fused loss for those, or leave
+    ``embeddings`` out of ``always_train``. With tied embeddings (SmolLM2, Gemma, ...) the matrix still trains
+    then, from the head's gradient only: its input-side gradient (rows of the batch's tokens) is dropped, which is
+    a departure from the paper (embeddings and head always train) traded for the activations of the frozen prefix.
     """
 
     active_layers: int = Field(2, ge=1, description="γ: how many decoder layers train at a time")
@@ -34,7 +37,9 @@ class LisaConfig(TechniqueConfig):
         ["embeddings", "lm_head", "final_norm"],
         description="what trains at every step: the roles embeddings, lm_head, final_norm, and/or fnmatch "
         "patterns of parameter names (e.g. 'model.layers.*.input_layernorm.weight'); [] trains only the "
-        "sampled layers",
+        "sampled layers. On a model with tied embeddings, [lm_head, final_norm] trains the shared matrix through "
+        "the head only (the embedding output is detached), so the layers below the lowest active one save no "
+        "activations",
     )
     seed: int | None = Field(None, description="seed of the layer sampler; null takes TrainingArguments.seed")
     drop_optimizer_state: bool = Field(

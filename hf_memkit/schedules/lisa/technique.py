@@ -16,13 +16,14 @@ training (like an optimizer technique), it does not bring back the pre-training 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any, ClassVar
 
 from ...errors import CheckpointError, IncompatibleModelError, RecipeError
 from ...technique import PatchHandle, Technique, ValidationContext
-from ..layers import num_hidden_layers, find_decoder_layers, resolve_always_train
+from ..layers import num_hidden_layers, find_decoder_layers, resolve_always_train, role_parameters
 from ..optimizer_state import check_per_parameter_state, drop_state, optimized_parameters
 from ...memory.frozen_prefix import frozen_prefix_correction
 from .config import LisaConfig
@@ -92,7 +93,8 @@ class LisaTechnique(Technique):
                 continue
             i = layers.layer_of.get(name)
             p.trainable = p.trainable and i is not None and i < gamma
-        over = frozen_prefix_correction(mem, mem.model.config)
+        cut = _input_side_cut(mem.model, layers, self.config.always_train, KEY) is not None
+        over = frozen_prefix_correction(mem, mem.model.config, embeddings_grad=False if cut else None)
         if over:
             mem.add("activations", -over, self.name, "layers below the lowest active one save nothing")
         mem.add("gradients", 0, self.name, f"steady state: {gamma} of {len(layers)} layers + always-trained")
@@ -132,12 +134,21 @@ class LisaTechnique(Technique):
             )
         for p in frozen:
             p.requires_grad_(False)
+        hook = None
+        embedding = _input_side_cut(model, layers, cfg.always_train, KEY)
+        if embedding is not None:
+            hook = embedding.register_forward_hook(functools.partial(_cut_input_side, model))
+            logger.info("hf_memkit: %s: the embedding matrix is tied to lm_head and always_train names lm_head but "
+                        "not embeddings: it trains through the head only, so the layers below the lowest active "
+                        "one save no activations", KEY)
         self._layer_params, self._always, self._patched = per_layer, always_params, True
         self._sampler = LayerSampler(len(layers), cfg.active_layers)
         if self._pending_sampler_state is not None:
             self._sampler.set_state(self._pending_sampler_state)
 
         def undo():
+            if hook is not None:
+                hook.remove()
             for n, p in model.named_parameters():
                 if n in flags:
                     p.requires_grad_(flags[n])
@@ -244,3 +255,30 @@ def _check_engine(args: Any) -> None:
             "under DDP the frozen layers produce no gradient, which DDP treats as an error by default",
             key=KEY, fix="set ddp_find_unused_parameters=True (training_args or --ddp_find_unused_parameters true)",
         )
+
+
+def _input_side_cut(model: Any, layers: Any, always_train: list[str], key: str) -> Any:
+    """The input-embedding module whose output LISA detaches, or None.
+
+    With tied embeddings one matrix is both the token embedding and the output head. ``always_train: [lm_head,
+    ...]`` without ``embeddings`` then means: the matrix trains from the head's gradient only. Its input-side
+    gradient (the rows of the tokens in the batch) is dropped by detaching the embedding output, so no layer
+    below the lowest active one needs a graph and the frozen prefix saves nothing (the point of leaving
+    ``embeddings`` out). Untied models need no cut: a frozen embedding already stops the gradient there."""
+    if "embeddings" in always_train or "lm_head" not in always_train:
+        return None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if weight is None or not weight.requires_grad:
+        return None
+    head = role_parameters(model, layers, "lm_head")
+    others = resolve_always_train(model, layers, [e for e in always_train if e != "lm_head"], key)
+    tied = {n for n, p in model.named_parameters() if p is weight}
+    return embedding if tied & head and not tied & others else None
+
+
+def _cut_input_side(model: Any, module: Any, args: Any, output: Any) -> Any:
+    out = output.detach()
+    if getattr(model, "is_gradient_checkpointing", False):
+        out.requires_grad_(True)  # reentrant checkpointing needs an input that requires grad; no path to the matrix
+    return out
