@@ -54,11 +54,15 @@ def one(model: str, name: str, steps: int, batch_size: int, seq_len: int) -> dic
                              **recipe.training_args)
     trainer = MemkitTrainer(model=m, args=args, train_dataset=ds, data_collator=default_data_collator,
                             callbacks=[cb], recipe=recipe)
+    offload = next((t for t in trainer.memkit.techniques if t.name == "offload"), None)
+    hooks = offload.hooks if offload is not None else None  # kept: the technique drops it when unpatched
     out = trainer.train()
     meas = cb.report()
     return {"name": name, "activations": meas["activations"], "logits": meas["logits"],
             "peak_rss_bytes": meas["peak_rss_bytes"], "step_s": meas.get("median_step_seconds"),
-            "loss": out.training_loss}
+            "loss": out.training_loss,
+            # bytes the offload hooks wrote to disk, per training step (every step saves the same tensors)
+            "offloaded_per_step": hooks.offloaded_bytes // steps if hooks is not None else 0}
 
 
 def mesa_convergence(model: str, steps: int, batch_size: int, seq_len: int) -> dict:
@@ -108,8 +112,8 @@ def main() -> int:
     mib = 2**20
     print(f"{ns.model}, batch {ns.batch_size} x {ns.seq_len}, {ns.steps} steps, one process per row")
     print(f"{'config':<16} {'saved act MiB':>13} {'vs base':>8} {'logits MiB':>10} {'peak RSS MiB':>12} "
-          f"{'step s':>7} {'loss':>7}")
-    base = None
+          f"{'step s':>7} {'loss':>7} {'offloaded MiB/step':>18} {'RSS drop MiB':>12} {'drop >= off-10%':>15}")
+    base = base_rss = None
     for name in ns.configs:
         out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, "--steps", str(ns.steps),
                               "--batch-size", str(ns.batch_size), "--seq-len", str(ns.seq_len)],
@@ -119,9 +123,14 @@ def main() -> int:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         base = base if base is not None else (r["activations"] if name == "baseline" else None)
+        base_rss = base_rss if base_rss is not None else (r["peak_rss_bytes"] if name == "baseline" else None)
         rel = f"{r['activations'] / base:8.1%}" if base else f"{'-':>8}"
+        off = r.get("offloaded_per_step", 0)
+        drop = (base_rss - r["peak_rss_bytes"]) if base_rss is not None else None
+        met = "-" if not off or drop is None else ("yes" if drop >= 0.9 * off else "NO")
         print(f"{name:<16} {r['activations'] / mib:13.2f} {rel} {r['logits'] / mib:10.2f} "
-              f"{r['peak_rss_bytes'] / mib:12.0f} {r['step_s'] or 0:7.3f} {r['loss']:7.3f}")
+              f"{r['peak_rss_bytes'] / mib:12.0f} {r['step_s'] or 0:7.3f} {r['loss']:7.3f} "
+              f"{off / mib:18.1f} {'-' if drop is None else f'{drop / mib:.0f}':>12} {met:>15}")
     print("(saved act = tensors autograd keeps on the device; offloaded ones are on disk; under gradient "
           "checkpointing the meter counts checkpoint inputs wherever they live)")
     if ns.mesa_steps:
