@@ -44,15 +44,26 @@ class _Chain:
         return obj[1] if obj[0] == "keep" else obj[1](obj[2])
 
 
+class _Alias:
+    """Another view (shape, stride) of a block already stored this forward."""
+
+    __slots__ = ("entry", "shape", "stride")
+
+    def __init__(self, entry: Any, shape: tuple, stride: tuple):
+        self.entry, self.shape, self.stride = entry, shape, stride
+
+
 class OffloadHooks:
     def __init__(self, store: Any, min_bytes: int, device_types: set[str] | None, excluded: set[int]):
         self.store, self.min_bytes, self.device_types, self.excluded = store, min_bytes, device_types, excluded
         self._ctx = None
         self._chain: _Chain | None = None
         self.offloaded_bytes = 0
-        #: the same tensor saved by several ops (q/k/v read one input) is stored once per forward; keyed by its
-        #: memory and version, confirmed by object identity (a freed tensor's weak reference is dead, so a new
-        #: tensor at the same address never matches)
+        #: the same memory saved by several ops is stored once per forward: q/k/v read one input, and each
+        #: Linear saves its own 2-D view of it. Keyed by the memory block (start, extent, dtype) and version,
+        #: confirmed by the identity of the tensor that owns the memory (the view's ``_base``): a freed tensor's
+        #: weak reference is dead, so new memory at the same address never matches. A hit with another shape or
+        #: stride is an :class:`_Alias` of the stored block.
         self._seen: dict[tuple, tuple[Any, Any]] = {}
 
     def wants(self, t: torch.Tensor) -> bool:
@@ -65,14 +76,26 @@ class OffloadHooks:
         return t.untyped_storage().data_ptr() not in self.excluded
 
     def put(self, t: torch.Tensor) -> Any:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        from .store import _dense
+
+        owner = t._base if t._base is not None else t
+        view = (tuple(t.shape), t.stride())
+        # a dense view is its block stored as is; any other is stored as a contiguous copy of exactly that view
+        layout = (t.numel(),) if _dense(t) else view
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), layout, t.dtype, t._version)
         hit = self._seen.get(key)
-        if hit is not None and hit[0]() is t:
-            return hit[1]
+        if hit is not None and hit[0]() is owner:
+            entry, first = hit[1], hit[2]
+            return entry if view == first else _Alias(entry, *view)
         entry = self.store.put(t)
         self.offloaded_bytes += t.numel() * t.element_size()
-        self._seen[key] = (weakref.ref(t), entry)
+        self._seen[key] = (weakref.ref(owner), entry, view)
         return entry
+
+    def get(self, stored: Any) -> torch.Tensor:
+        if isinstance(stored, _Alias):
+            return self.store.get(stored.entry).as_strided(stored.shape, stored.stride)
+        return self.store.get(stored)
 
     def pack(self, t: torch.Tensor) -> Any:
         if self.wants(t):
@@ -81,7 +104,7 @@ class OffloadHooks:
 
     def unpack(self, obj: Any) -> torch.Tensor:
         if obj[0] == "store":
-            return self.store.get(obj[1])
+            return self.get(obj[1])
         return _Chain.unpack(obj)
 
     def __enter__(self):
@@ -187,7 +210,7 @@ class TokenFrame:
 
     def _unpack(self, obj: Any) -> torch.Tensor:
         if obj[0] == "store":
-            return self.hooks.store.get(obj[1])
+            return self.hooks.get(obj[1])
         return TokenFrame.unpack(obj)
 
     def __exit__(self, *exc):

@@ -118,3 +118,36 @@ def test_bad_input_names_the_fix(fresh):
     with pytest.raises(RecipeError, match="token_fraction"):
         model(input_ids=IDS, labels=IDS)
     handle.remove()
+
+
+def test_each_block_is_written_once_per_forward(fresh, tmp_path):
+    """q/k/v read one normalised input and each Linear saves its own 2-D view of it: the block goes to disk once
+    (the other views are aliases), so the bytes written equal the bytes the meter counts without offload."""
+    _, base_bytes, base = _grads(fresh())
+    model = fresh()
+    t = OffloadTechnique(OffloadConfig(to="disk", dir=str(tmp_path), min_bytes=512))
+    handle = t.patch_model(model)
+    _, _, grads = _grads(model)
+    for n, g in base.items():
+        assert torch.equal(grads[n], g), n
+    assert t.hooks.offloaded_bytes == pytest.approx(base_bytes["activations"] + base_bytes["logits"], rel=0.01)
+    handle.remove()
+
+
+def test_alias_of_a_stored_block_keeps_its_own_view(tmp_path):
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    w1, w2 = torch.randn(16, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    hooks = OffloadHooks(DiskStore(str(tmp_path)), min_bytes=0, device_types=None, excluded=set())
+    h = x.tanh()
+    with hooks:
+        y = (h.view(-1, 16) @ w1).sum() + (h.transpose(0, 1) * w2).square().sum()
+    written = hooks.offloaded_bytes
+    y.backward()
+    # h once (a 2-D view and a transposed view of it), w1, w2, and the product that square() saves
+    assert written == h.numel() * 4 + 16 * 16 * 4 + 16 * 4 + h.numel() * 4
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w1, ref_w2 = w1.detach().clone().requires_grad_(True), w2.detach().clone().requires_grad_(True)
+    rh = ref_x.tanh()
+    ((rh.view(-1, 16) @ ref_w1).sum() + (rh.transpose(0, 1) * ref_w2).square().sum()).backward()
+    assert torch.equal(x.grad, ref_x.grad) and torch.equal(w1.grad, ref_w1.grad) and torch.equal(w2.grad, ref_w2.grad)
+    hooks.store.close()
