@@ -23,6 +23,20 @@ from typing import Any
 import torch
 
 
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _is_cache(name: str, value: Any) -> bool:
+    """A KV cache argument of a decoder layer (transformers 5 names it ``cache``, 4.x ``past_key_value(s)``)."""
+    if value is None:
+        return False
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Cache = ()
+    return isinstance(value, Cache) or name in _CACHE_KWARGS
+
+
 def _outer_hooks():
     return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
@@ -184,14 +198,21 @@ class TokenFrame:
             return v
 
         args = tuple(detach(a) for a in self.args)
-        kwargs = {k: detach(v) for k, v in self.kwargs.items()}
+        # no KV cache in the recompute: it would append this layer's keys/values a second time, and those (with
+        # their graph and every tensor the recompute captured) would live as long as the cache does
+        kwargs = {k: (None if _is_cache(k, v) else detach(v)) for k, v in self.kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
         devices = [self.args[0].device] if self.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, devices[0])
+            # captured detached: a captured tensor with a grad_fn would point back into the recompute graph,
+            # whose saved-tensor hooks hold this list, a cycle through C++ that Python's GC cannot free (every
+            # recomputed layer would stay alive until the process ends)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: captured.append(t) or len(captured) - 1, lambda j: captured[j]):
+                    lambda t: captured.append(t.detach()) or len(captured) - 1, lambda j: captured[j]):
                 self.module.forward(*args, **kwargs)
         if len(captured) != self.count:
             raise RuntimeError(

@@ -151,3 +151,26 @@ def test_alias_of_a_stored_block_keeps_its_own_view(tmp_path):
     ((rh.view(-1, 16) @ ref_w1).sum() + (rh.transpose(0, 1) * ref_w2).square().sum()).backward()
     assert torch.equal(x.grad, ref_x.grad) and torch.equal(w1.grad, ref_w1.grad) and torch.equal(w2.grad, ref_w2.grad)
     hooks.store.close()
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_nothing_the_forward_saved_outlives_backward(fresh, tmp_path, fraction):
+    """Regression: the token-wise recompute once kept every recomputed layer alive after backward (a reference
+    cycle through the recompute graph) and appended keys/values to the KV cache a second time."""
+    import gc
+
+    model = fresh()
+    t = OffloadTechnique(OffloadConfig(to="disk", token_fraction=fraction, dir=str(tmp_path)))
+    handle = t.patch_model(model)
+    keep = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
+
+    def alive() -> int:
+        gc.collect()
+        return sum(o.numel() for o in gc.get_objects()
+                   if isinstance(o, torch.Tensor) and id(o) not in keep and o.numel() >= 1024)
+
+    before = alive()
+    _grads(model)  # the gradients it returns are clones; the parameters' .grad stay
+    grads = sum(p.grad.numel() for p in model.parameters() if p.grad is not None)
+    assert alive() - before <= 2 * grads  # .grad + the clones, nothing of the activations
+    handle.remove()
