@@ -40,6 +40,10 @@ class OffloadConfig(TechniqueConfig):
     dir: str | None = Field(None, description="folder for to: disk (a fresh temporary folder inside it is used "
                             "and removed); null = the system temp folder")
     pin_memory: bool = Field(True, description="to: cpu uses pinned host buffers (asynchronous copies)")
+    release_host_memory: bool = Field(
+        True, description="to: disk on a CPU model: fix glibc's mmap threshold at 1 MiB so that memory freed after "
+        "offloading goes back to the OS (process-wide, for the process lifetime; see offload/allocator.py); "
+        "false leaves malloc as it is")
 
     @field_validator("token_fraction")
     @classmethod

@@ -64,6 +64,10 @@ class OffloadTechnique(Technique):
         device_type = p.device.type if p is not None else "cpu"
         to = _resolve_to(cfg, device_type)
         store = DiskStore(cfg.dir) if to == "disk" else HostStore(cfg.pin_memory)
+        if to == "disk" and device_type == "cpu" and cfg.release_host_memory:
+            from .allocator import fix_mmap_threshold
+
+            fix_mmap_threshold(1 << 20)
         hooks = OffloadHooks(store, cfg.min_bytes, None if to == "disk" else {"cuda"}, set())
         active: list[Any] = []
 

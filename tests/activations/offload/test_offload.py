@@ -4,6 +4,7 @@ hooks still see what stays, typed errors."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -132,6 +133,10 @@ def test_each_block_is_written_once_per_forward(fresh, tmp_path):
         assert torch.equal(grads[n], g), n
     assert t.hooks.offloaded_bytes == pytest.approx(base_bytes["activations"] + base_bytes["logits"], rel=0.01)
     handle.remove()
+    if sys.platform.startswith("linux"):  # release_host_memory (default true) fixed glibc's threshold
+        from hf_memkit.activations.offload import allocator
+
+        assert allocator._applied == 1 << 20
 
 
 def test_alias_of_a_stored_block_keeps_its_own_view(tmp_path):
@@ -174,3 +179,36 @@ def test_nothing_the_forward_saved_outlives_backward(fresh, tmp_path, fraction):
     grads = sum(p.grad.numel() for p in model.parameters() if p.grad is not None)
     assert alive() - before <= 2 * grads  # .grad + the clones, nothing of the activations
     handle.remove()
+
+
+def test_release_host_memory_fixes_the_mmap_threshold_in_a_fresh_process(tmp_path):
+    """Process-wide and irreversible, so checked in a child: with the threshold fixed, a freed 4 MiB block goes
+    back to the OS (RSS falls), which glibc's dynamic threshold does not do once a block that size was freed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        from hf_memkit.activations.offload.allocator import fix_mmap_threshold
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        if sys.argv[1] == "fix":
+            assert fix_mmap_threshold(1 << 20)
+        for _ in range(3):  # free blocks of 4 MiB: glibc's dynamic threshold rises past them
+            torch.empty(1 << 20).fill_(1)
+        keep = [torch.empty(1 << 20).fill_(1) for _ in range(64)]  # 256 MiB of 4 MiB blocks
+        hold = torch.empty(128 * 1024).fill_(1)  # 512 KiB, heap in both modes, allocated last: pins the heap top
+        before = rss()
+        del keep
+        print((before - rss()) / 2**20)
+    """)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux-only")
+    freed = {}
+    for mode in ("fix", "default"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        freed[mode] = float(out.stdout.strip().splitlines()[-1])
+    assert freed["fix"] > 200, freed
+    assert freed["default"] < freed["fix"] / 2, freed
