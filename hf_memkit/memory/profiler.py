@@ -3,8 +3,9 @@
 * parameter, gradient and optimizer-state bytes by tensor accounting (each storage counted once, so tied
   weights and views are not double counted);
 * saved-activation bytes: every tensor autograd saves for backward during the loss computation, seen through
-  ``torch.autograd.graph.saved_tensors_hooks``; storages of parameters and buffers are excluded, shared storages
-  are counted once, tensors whose last dimension is the vocabulary go to ``logits``. Under gradient
+  ``torch.autograd.graph.saved_tensors_hooks``; storages of parameters and buffers are excluded, and so are
+  parameter gradients a fused op forms in its forward (``memory/tags.py``: their storage becomes ``.grad``, which
+  the gradient accounting counts); shared storages are counted once, tensors whose last dimension is the vocabulary go to ``logits``. Under gradient
   checkpointing the checkpointed layers' inputs (what the checkpoint keeps) are counted instead of their
   internals, which are recomputed in backward;
 * ``torch.cuda.max_memory_allocated`` on CUDA, and the process's peak RSS.
@@ -20,6 +21,8 @@ import time
 from typing import Any, Iterator
 
 from transformers import TrainerCallback
+
+from .tags import is_parameter_gradient
 
 
 def peak_rss_bytes() -> int:
@@ -90,8 +93,8 @@ class SavedTensorMeter:
         if t.device.type == "meta" or t.layout != torch.strided:
             return
         k = _key(t)
-        if k in self._seen or k in self._exclude:
-            return
+        if k in self._seen or k in self._exclude or is_parameter_gradient(t):
+            return  # a parameter's gradient formed early (memory/tags.py) is counted under gradients
         self._seen.add(k)
         cat = "logits" if self.vocab_size and t.dim() >= 1 and t.shape[-1] == self.vocab_size else "activations"
         self.bytes[cat] += t.untyped_storage().nbytes()

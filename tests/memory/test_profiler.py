@@ -37,6 +37,38 @@ def test_frozen_weights_save_no_inputs_and_shared_storage_counts_once():
     assert storage_bytes([x, x.view(32), x[1:]]) == 4 * 32
 
 
+def test_a_gradient_formed_in_the_forward_is_counted_once_as_the_gradient():
+    """The fused cross-entropy forms lm_head's dC in its forward; backward hands that very buffer to autograd, so
+    it becomes ``.grad``. The meter leaves it to the gradient accounting; a dC that does not become a leaf's
+    ``.grad`` (a non-leaf classifier, as LoRA on lm_head builds) stays a saved activation."""
+    from hf_memkit.ops.linear_cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(0)
+    n, d, v = 16, 8, 300
+    head = torch.nn.Linear(d, v, bias=False)
+    e = torch.randn(n, d, requires_grad=True)
+    y = torch.randint(0, v, (n,))
+    meter = SavedTensorMeter(head)
+    with meter.measure():
+        linear_cross_entropy(e, head.weight, y)
+    assert meter.bytes["activations"] == 4 * n * d  # dE only
+
+    ptrs = []  # (hooks do not nest: the innermost pair alone sees the saved tensors)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        loss = linear_cross_entropy(e, head.weight, y)
+    loss.backward()
+    assert head.weight.grad.untyped_storage().data_ptr() in ptrs  # the saved dC is the gradient's storage
+    expected = torch.nn.functional.cross_entropy(e.detach() @ head.weight.detach().T, y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    c = head.weight * 1.0  # not a leaf: its gradient flows on into head.weight.grad, a new buffer
+    meter = SavedTensorMeter(head)
+    with meter.measure():
+        linear_cross_entropy(e, c, y)
+    assert meter.bytes["activations"] == 4 * n * d + 4 * v * d
+
+
 def test_logits_are_routed_by_vocabulary_size():
     v = 13
     logits = torch.randn(6, v, requires_grad=True)

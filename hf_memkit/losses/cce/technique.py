@@ -56,8 +56,9 @@ class CCETechnique(Technique):
     # 2 ----------------------------------------------------------------------------------------------------------
     def estimate(self, mem: Any) -> None:
         """No N×V tensor is saved (``logits`` drops to 0). What the fused forward keeps for backward is dE (the
-        gradient of the final hidden states, the size of lm_head's input that the plain path saves instead) and
-        dC/dbias when lm_head trains; the transient ``loss_buffers`` become O(N) + one logit chunk + O(V)."""
+        gradient of the final hidden states, the size of lm_head's input that the plain path saves instead);
+        dC/dbias of a trained lm_head are its gradient buffers (counted under gradients); the transient
+        ``loss_buffers`` become O(N) + one logit chunk + O(V)."""
         import torch
 
         from ...integrations.causal_lm import base_and_head, logit_transform
@@ -80,11 +81,11 @@ class CCETechnique(Technique):
 
         mem.replace_category("logits", 0, self.name, "no tensor of tokens x vocabulary elements is saved")
         # the activation model counts lm_head's input when lm_head trains: the same bytes as dE, which replaces it
+        # dC (and dbias) of a trained lm_head are formed in the forward too, but their storage becomes the
+        # parameter's .grad: they are the `gradients` term already, not a saved activation (memory/tags.py)
         saved = 0 if (head_trains or head_name in mem.needs_input) else tokens * hidden * d
-        if head_trains:
-            saved += vocab * hidden * d + (vocab * d if bias is not None and bias.trainable else 0)
         saved = max(saved - 8 * tokens, 0)  # the labels the plain cross-entropy saves: the fused loss keeps none
-        mem.add("activations", saved, self.name, "dE (and dC) formed in the fused forward, held until backward")
+        mem.add("activations", saved, self.name, "dE formed in the fused forward, held until backward")
 
         per_token = 4 + 4 + 8 + 8  # log-sum-exp, target logit (fp32), row index and shifted target (int64)
         transient = tokens * per_token + chunk_bytes(tokens, vocab, torch.float32, budget, softcap)
