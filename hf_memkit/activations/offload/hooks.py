@@ -22,19 +22,8 @@ from typing import Any
 
 import torch
 
-
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-def _is_cache(name: str, value: Any) -> bool:
-    """A KV cache argument of a decoder layer (transformers 5 names it ``cache``, 4.x ``past_key_value(s)``)."""
-    if value is None:
-        return False
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        Cache = ()
-    return isinstance(value, Cache) or name in _CACHE_KWARGS
+from ...integrations.kv_cache import is_kv_cache
+from .store import is_dense_block
 
 
 def _outer_hooks():
@@ -90,12 +79,10 @@ class OffloadHooks:
         return t.untyped_storage().data_ptr() not in self.excluded
 
     def put(self, t: torch.Tensor) -> Any:
-        from .store import _dense
-
         owner = t._base if t._base is not None else t
         view = (tuple(t.shape), t.stride())
         # a dense view is its block stored as is; any other is stored as a contiguous copy of exactly that view
-        layout = (t.numel(),) if _dense(t) else view
+        layout = (t.numel(),) if is_dense_block(t) else view
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), layout, t.dtype, t._version)
         hit = self._seen.get(key)
         if hit is not None and hit[0]() is owner:
@@ -200,7 +187,7 @@ class TokenFrame:
         args = tuple(detach(a) for a in self.args)
         # no KV cache in the recompute: it would append this layer's keys/values a second time, and those (with
         # their graph and every tensor the recompute captured) would live as long as the cache does
-        kwargs = {k: (None if _is_cache(k, v) else detach(v)) for k, v in self.kwargs.items()}
+        kwargs = {k: (None if is_kv_cache(k, v) else detach(v)) for k, v in self.kwargs.items()}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         devices = [self.args[0].device] if self.cuda_rng is not None else []

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 
-def _dense(t: torch.Tensor) -> bool:
+def is_dense_block(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill one block of memory, in some dimension order."""
     expected = 1
     for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
@@ -32,7 +32,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The tensor's memory block as a 1-D tensor (a copy only when it is not dense)."""
-    if not _dense(t):
+    if not is_dense_block(t):
         t = t.contiguous()
     return t.as_strided((t.numel(),), (1,), t.storage_offset()), t.stride()
 
@@ -103,7 +103,7 @@ class HostStore:
         return s
 
     def put(self, t: torch.Tensor) -> _HostEntry:
-        src = t.detach() if _dense(t) else t.detach().contiguous()
+        src = t.detach() if is_dense_block(t) else t.detach().contiguous()
         side, cur = self._stream(t.device), torch.cuda.current_stream(t.device)
         side.wait_stream(cur)
         e = _HostEntry()

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ...optim.common.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
+from ...optim.common.fp32_adamw import as_fp32, write_back_
+from ..masked_optimizer import MaskedWeightOptimizer
 
 
 def ast_update_(param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, exp_avg: torch.Tensor,
@@ -37,23 +38,18 @@ def decay_at(step: int, decay: float, ramp_steps: int) -> float:
     return decay * min(1.0, step / max(ramp_steps, 1))
 
 
-class ASTAdamW(FP32StateOptimizer):
+class ASTAdamW(MaskedWeightOptimizer):
     """``owners`` maps each masked parameter to its Linear (whose ``sparse_mask`` buffer is the live mask)."""
 
     def __init__(self, params, owners: dict[int, Any], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decay: float = 6e-5, ramp_steps: int = 1000):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay,
-                                      ramp_steps=ramp_steps))
-        self.owners = owners
+        super().__init__(params, owners, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay,
+                                              ramp_steps=ramp_steps))
 
-    def param_step_(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        owner = self.owners.get(id(p))
-        if owner is None:
-            self.adamw_param_(p, state, group)
-            return
-        self.init_moments_(p, state)
+    def masked_step_(self, p: torch.Tensor, mask: torch.Tensor, state: dict[str, Any],
+                     group: dict[str, Any]) -> None:
         b1, b2 = group["betas"]
-        ast_update_(p, p.grad, owner.sparse_mask, state["exp_avg"], state["exp_avg_sq"], step=state["step"],
+        ast_update_(p, p.grad, mask, state["exp_avg"], state["exp_avg_sq"], step=state["step"],
                     lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
                     weight_decay=group["weight_decay"],
                     decay=decay_at(state["step"], group["decay"], group["ramp_steps"]))

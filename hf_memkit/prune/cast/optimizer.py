@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ...optim.common.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
+from ...optim.common.fp32_adamw import as_fp32, write_back_
+from ..masked_optimizer import MaskedWeightOptimizer
 
 
 def adams_update_(param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, exp_avg: torch.Tensor,
@@ -32,23 +33,18 @@ def adams_update_(param: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, e
     write_back_(param, w)
 
 
-class AdamS(FP32StateOptimizer):
+class AdamS(MaskedWeightOptimizer):
     """``owners`` maps each masked parameter to its Linear (whose ``sparse_mask`` buffer is the live mask);
     ``total_steps`` (T of α_t = t/T) is set from the Trainer's ``max_steps`` when training begins."""
 
     def __init__(self, params, owners: dict[int, Any], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decay: float = 1e-4, total_steps: int = 1000):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay,
-                                      total_steps=total_steps))
-        self.owners = owners
+        super().__init__(params, owners, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay=decay,
+                                              total_steps=total_steps))
 
-    def param_step_(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        owner = self.owners.get(id(p))
-        if owner is None:
-            self.adamw_param_(p, state, group)
-            return
-        self.init_moments_(p, state)
+    def masked_step_(self, p: torch.Tensor, mask: torch.Tensor, state: dict[str, Any],
+                     group: dict[str, Any]) -> None:
         b1, b2 = group["betas"]
-        adams_update_(p, p.grad, owner.sparse_mask, state["exp_avg"], state["exp_avg_sq"],
+        adams_update_(p, p.grad, mask, state["exp_avg"], state["exp_avg_sq"],
                       step=state["step"], total_steps=group["total_steps"], lr=group["lr"], beta1=b1,
                       beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"])
