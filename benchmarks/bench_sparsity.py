@@ -4,8 +4,8 @@ Rows: dense; one-shot magnitude 2:4 and Wanda 2:4 (no training); AST and CAST af
 budget (``--steps`` x ``--batch`` x ``--seq-len`` tokens of the embedded corpus's train split, ending in an exact
 2:4 projection; CAST gets its own lr/decay: its forward stays dense, so the decay must drive the pruned weights to
 zero within the budget — at AST's lr 1e-4 / decay 1e-4 over 60 steps they barely move and the final projection
-costs ppl 433, at 1e-3 / 1e-3 it is 30.3 on SmolLM2); 20% structured pruning after COMP (ours) vs the L1-magnitude baseline, at the
-same parameter budget. Perplexity: the eval split of the embedded corpus (24 blocks x 256 tokens, topic-disjoint
+costs ppl 433, at 1e-3 / 1e-3 it is 30.3 on SmolLM2); 20% structured pruning after COMP (ours) vs the
+L1-magnitude baseline, at the same parameter budget. Perplexity: the eval split of the embedded corpus (24 blocks x 256 tokens, topic-disjoint
 from the training and calibration text), computed on the final model in memory. Every 2:4 row is checked to have
 exactly 2 nonzeros in every group of 4 of each pruned Linear.
 

@@ -5,7 +5,8 @@
 * saved-activation bytes: every tensor autograd saves for backward during the loss computation, seen through
   ``torch.autograd.graph.saved_tensors_hooks``; storages of parameters and buffers are excluded, and so are
   parameter gradients a fused op forms in its forward (``memory/tags.py``: their storage becomes ``.grad``, which
-  the gradient accounting counts); shared storages are counted once, tensors whose last dimension is the vocabulary go to ``logits``. Under gradient
+  the gradient accounting counts); shared storages are counted once, tensors whose last dimension is the
+  vocabulary go to ``logits``. Under gradient
   checkpointing the checkpointed layers' inputs (what the checkpoint keeps) are counted instead of their
   internals, which are recomputed in backward;
 * ``torch.cuda.max_memory_allocated`` on CUDA, and the process's peak RSS.

@@ -13,11 +13,9 @@ from typing import Any
 PARAMETER_GRADIENT_ATTR = "_memkit_parameter_gradient"
 
 
-def mark_parameter_gradient(t: Any) -> Any:
-    """Tag ``t`` as a leaf parameter's gradient saved for backward; returns ``t``."""
-    if t is not None:
-        setattr(t, PARAMETER_GRADIENT_ATTR, True)
-    return t
+def mark_parameter_gradient(t: Any) -> None:
+    """Tag ``t`` as a leaf parameter's gradient saved for backward."""
+    setattr(t, PARAMETER_GRADIENT_ATTR, True)
 
 
 def is_parameter_gradient(t: Any) -> bool:

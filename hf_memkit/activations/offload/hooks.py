@@ -67,7 +67,7 @@ class OffloadHooks:
         #: confirmed by the identity of the tensor that owns the memory (the view's ``_base``): a freed tensor's
         #: weak reference is dead, so new memory at the same address never matches. A hit with another shape or
         #: stride is an :class:`_Alias` of the stored block.
-        self._seen: dict[tuple, tuple[Any, Any]] = {}
+        self._seen: dict[tuple, tuple[Any, Any, tuple]] = {}  # key -> (weakref to owner, entry, first view)
 
     def wants(self, t: torch.Tensor) -> bool:
         if t.layout != torch.strided or t.device.type == "meta" or t.is_sparse:

@@ -98,13 +98,13 @@ class _ScalarLossWithGrads(torch.autograd.Function):
     def forward(ctx, e, c, bias, prob: LCEProblem, backend, scale, needs):
         with _no_autocast(e.device):
             loss_sum, _, de, dc, db = backend.fused(prob, scale, *needs)
-        dc, db = _cast(dc, c), _cast(db, bias)
+        de, dc, db = _cast(de, e), _cast(dc, c), _cast(db, bias)
         for grad, inp in ((dc, c), (db, bias)):
             # backward hands these buffers to autograd unchanged (scaled in place): for a leaf parameter they
             # become its .grad, so the memory accounting counts them as gradients, not as saved activations
             if grad is not None and inp.is_leaf and inp.requires_grad:
                 mark_parameter_gradient(grad)
-        ctx.save_for_backward(_cast(de, e), dc, db)
+        ctx.save_for_backward(de, dc, db)
         return loss_sum * scale
 
     @staticmethod

@@ -185,7 +185,6 @@ def test_release_host_memory_fixes_the_mmap_threshold_in_a_fresh_process(tmp_pat
     """Process-wide and irreversible, so checked in a child: with the threshold fixed, a freed 4 MiB block goes
     back to the OS (RSS falls), which glibc's dynamic threshold does not do once a block that size was freed."""
     import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
