@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
     code = run_script(ns.script, ns.script_args)
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # a rank started by torchrun
-        _exit_rank(code)
+        exit_rank(code)
     return code
 
 
-def _exit_rank(code: int) -> None:
+def exit_rank(code: int) -> None:
     """End a torchrun rank without the interpreter's teardown.
 
     The script has returned and the process group is destroyed; what remains is Python finalising module

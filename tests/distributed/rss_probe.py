@@ -76,4 +76,7 @@ def main(out, model_kind, budget_gb, steps):
 
 
 if __name__ == "__main__":
+    from hf_memkit.run import exit_rank
+
     main(sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    exit_rank(0)  # launched by torchrun directly, not through `memkit run`: the same teardown abort applies
