@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,10 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import registry
-from .errors import RecipeError
+from .errors import RecipeError, clip, short_repr, short_str
+from .number_checks import INT64_MAX, number_spelling
+from .recipe_yaml import dump_yaml, load_yaml, not_regular_error, read_recipe_file
 from .technique import Technique, TechniqueConfig
 
 SCHEMA_VERSION = 1
@@ -57,6 +61,21 @@ class ExportConfig(BaseModel):
         "sparsity_config (loads with plain from_pretrained on transformers 5 / compressed-tensors 0.20); bitmask = "
         "sparse-24-bitmask tensors (vLLM and older compressed-tensors readers)",
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _inside_output_dir(cls, v: str) -> str:
+        # the export is written (and an old one replaced) at output_dir/dir: it must not land anywhere else
+        from pathlib import PurePosixPath, PureWindowsPath
+
+        parts = [p for p in v.replace("\\", "/").split("/") if p not in ("", ".")]
+        if (not parts or "\0" in v or PurePosixPath(v).is_absolute() or PureWindowsPath(v).anchor
+                or ".." in parts):
+            raise ValueError(
+                f"export.dir must be a relative folder inside output_dir, got {short_repr(v, 60)}: no absolute "
+                "path, no '..', not empty; write e.g. `dir: export` or `dir: exports/final`"
+            )
+        return v
 
 
 @dataclass
@@ -109,7 +128,8 @@ class Recipe:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        # the strict dumper quotes strings the strict loader would read as numbers ('1e5') and writes no anchors
+        return dump_yaml(self.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,15 +138,16 @@ class Recipe:
 
 def _suggest(word: Any, candidates: typing.Iterable[str]) -> str:
     candidates = list(candidates)
-    close = difflib.get_close_matches(str(word), candidates, n=3, cutoff=0.6)
+    word = short_str(word, 64)  # difflib indexes the whole word: a 1 MB key would cost a dict of 1M entries
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
     if not close:  # abbreviations and long forms: `rank` -> `r`, `alpha` -> `lora_alpha`
-        w = str(word).lower()
+        w = word.lower()
         close = [c for c in candidates if len(c) < len(w) and w.startswith(c) or c.endswith("_" + w)][:3]
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _join(*parts: Any) -> str:
-    return ".".join(str(p) for p in parts if p != "")
+    return ".".join(short_str(p, 100) for p in parts if p != "")
 
 
 def load_recipe(source: "str | Path | dict | Recipe", *, check_training_args: bool = True) -> Recipe:
@@ -152,17 +173,19 @@ def _read_source(source: "str | Path") -> tuple[str, str]:
         return source, "<string>"
     path = Path(source)
     try:
-        is_file, is_dir = path.is_file(), path.is_dir()
-    except (OSError, ValueError):  # a name too long for the file system, or a NUL byte
-        is_file = is_dir = False
-    if not is_file:
+        mode: int | None = path.stat().st_mode
+    except (OSError, ValueError):  # missing, a name too long for the file system, or a NUL byte
+        mode = None
+    if mode is None or not stat.S_ISREG(mode):
         from .data.recipes import bundled_recipe_path
 
         bundled = bundled_recipe_path(str(source))
-        if bundled is None and is_dir:
+        if bundled is None and mode is not None and stat.S_ISDIR(mode):
             raise RecipeError(
                 "this is a directory, not a recipe file", path=str(source), fix="name a .yaml file inside it"
             )
+        if bundled is None and mode is not None:  # a FIFO would block the read, a device would never end
+            raise not_regular_error(str(source), mode)
         if bundled is None:
             raise RecipeError(
                 "recipe file not found",
@@ -170,22 +193,11 @@ def _read_source(source: "str | Path") -> tuple[str, str]:
                 fix="check the path, or name a bundled recipe (see `memkit recipes list`)",
             )
         path = bundled
-    try:
-        return path.read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read the file ({exc})", path=str(path), fix="pass a readable UTF-8 YAML file")
+    return read_recipe_file(path), str(path)
 
 
 def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(
-            f"not valid YAML{line}: {problem}", path=where, fix="fix the YAML syntax; keys are `name: value`"
-        ) from None
+    return load_yaml(text, where)
 
 
 def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
@@ -193,9 +205,17 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
         raise RecipeError("the recipe is empty", path=where, fix="start the file with `memkit: 1`")
     if not isinstance(data, dict):
         raise RecipeError(
-            f"the recipe must be a mapping of slots, got a {type(data).__name__}",
+            f"not a recipe: the recipe must be a mapping of slots, got a {type(data).__name__}",
             path=where,
             fix="write `memkit: 1` followed by slots such as `optimizer: {adamw: {}}`",
+        )
+    if "memkit" not in data and not any(isinstance(k, str) and k in TOP_KEYS for k in data):
+        # some other YAML/JSON file: say so without quoting its contents
+        raise RecipeError(
+            "not a recipe: no `memkit:` version and none of the top-level keys is a recipe section",
+            path=where,
+            fix=f"a recipe starts with `memkit: {SCHEMA_VERSION}`; its sections are {', '.join(TOP_KEYS)} "
+            "(see `memkit recipes list` for examples)",
         )
     for key in data:
         if key not in TOP_KEYS:
@@ -204,9 +224,9 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
             if slots:
                 hint = f"{key!r} is a technique of slot {slots[0]!r}: write it under `{slots[0]}:`"
             raise RecipeError(
-                f"unknown top-level key {key!r}",
+                f"unknown top-level key {short_repr(key)}",
                 path=where,
-                key=str(key),
+                key=short_str(key),
                 fix=hint or f"top-level keys are: {', '.join(TOP_KEYS)}",
             )
     if "memkit" not in data:
@@ -214,7 +234,7 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
     version = data["memkit"]
     if type(version) is not int or version != SCHEMA_VERSION:  # 1.0 and true compare equal to 1
         raise RecipeError(
-            f"unsupported schema version {version!r}",
+            f"unsupported schema version {short_repr(version)}",
             path=where,
             key="memkit",
             fix=f"this hf_memkit reads `memkit: {SCHEMA_VERSION}`",
@@ -274,7 +294,8 @@ def _parse_slot(slot: str, many: bool, value: Any, where: str) -> list[Technique
             )
         if len(value) > 1:
             raise RecipeError(
-                f"slot {slot!r} takes one technique, but {len(value)} are given: {', '.join(map(str, value))}",
+                f"slot {slot!r} takes one technique, but {len(value)} are given: "
+                f"{', '.join(short_str(k, 40) for k in list(value)[:6])}",
                 path=where,
                 key=slot,
                 fix="keep one of them; a slot that takes several (schedule, activations, compress) is a list",
@@ -298,16 +319,17 @@ def _parse_slot(slot: str, many: bool, value: Any, where: str) -> list[Technique
                 fix=f"write `- name: {{...}}` for each entry of `{slot}`",
             )
         (name, params), = item.items()
-        entry = registry.get(str(name), slot)
-        elsewhere = registry.slots_of(str(name))
+        name_text = short_str(name, 100)
+        entry = registry.get(name_text, slot)
+        elsewhere = registry.slots_of(name_text)
         if entry is None and not elsewhere:
             known = registry.names(slot)
             hint = _suggest(name, registry.names())
-            failed = registry.PLUGIN_FAILURES.get(str(name))
+            failed = registry.PLUGIN_FAILURES.get(name_text)
             if failed:
                 hint = f"a plugin registers {name!r} but failed to import: {failed}"
             raise RecipeError(
-                f"unknown technique {name!r} in slot {slot!r}",
+                f"unknown technique {short_repr(name)} in slot {slot!r}",
                 path=where,
                 key=_join(ipath, name),
                 fix=(hint + " " if hint else "")
@@ -328,7 +350,7 @@ def _parse_slot(slot: str, many: bool, value: Any, where: str) -> list[Technique
                 fix="list each technique once and merge their settings",
             )
         config = _validate_config(entry.config_cls, params, where, _join(ipath, name))
-        specs.append(TechniqueSpec(str(name), slot, config))
+        specs.append(TechniqueSpec(name_text, slot, config))
     return specs
 
 
@@ -355,7 +377,7 @@ def _validate_config(cls: type[BaseModel], params: Any, where: str, key: str) ->
         params = {}
     if not isinstance(params, dict):
         raise RecipeError(
-            f"settings must be a mapping, got {params!r}",
+            f"settings must be a mapping, got {short_repr(params)}",
             path=where,
             key=key,
             fix=f"write `{key.split('.')[-1]}: {{}}` for all defaults, or `{{field: value}}`",
@@ -364,27 +386,29 @@ def _validate_config(cls: type[BaseModel], params: Any, where: str, key: str) ->
         return cls.model_validate(params)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        loc = [str(p) for p in err.get("loc", ())]
+        loc = [short_str(p, 100) for p in err.get("loc", ())]
         full = _join(key, *_data_path(params, err.get("loc", ())))
         fields = cls.model_fields
         if err["type"] == "extra_forbidden":
             bad = loc[-1] if loc else "?"
             hint = _suggest(bad, fields)
             raise RecipeError(
-                f"unknown setting {bad!r}",
+                f"unknown setting {short_repr(bad)}",
                 path=where,
                 key=full,
                 fix=(hint + " " if hint else "") + f"settings of `{key}`: {', '.join(fields) or '(none)'}",
             ) from None
         described = fields.get(loc[0]).description if loc and loc[0] in fields else None
+        msg = str(err["msg"]).removeprefix("Value error, ")
         raise RecipeError(
-            f"invalid value {err.get('input')!r}: {err['msg']}",
+            f"invalid value {short_repr(err.get('input'))}: {clip(msg, 400)}",
             path=where,
             key=full,
             fix=f"{loc[0] if loc else key}: {described}" if described else "see `memkit recipes explain` for the type",
         ) from None
     except (TypeError, ValueError) as exc:  # a model_validator raising a plain error
-        raise RecipeError(str(exc), path=where, key=key, fix="see the field descriptions of this technique") from None
+        raise RecipeError(clip(str(exc), 400), path=where, key=key,
+                          fix="see the field descriptions of this technique") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,19 +484,94 @@ def _check_training_args(value: Any, where: str, *, check_types: bool) -> dict[s
         if key not in fields:
             hint = _suggest(key, fields)
             raise RecipeError(
-                f"{key!r} is not a field of transformers.TrainingArguments",
+                f"{short_repr(key)} is not a field of transformers.TrainingArguments",
                 path=where,
-                key=f"training_args.{key}",
+                key=_join("training_args", key),
                 fix=hint or "see `python -c 'import transformers; help(transformers.TrainingArguments)'`",
             )
         if not _conforms(val, fields[key]):
+            expected = _type_name(fields[key])
+            spelling = number_spelling(val) if isinstance(val, str) and _takes_numbers(fields[key]) else None
             raise RecipeError(
-                f"invalid value {val!r} for TrainingArguments.{key}",
+                f"invalid value {short_repr(val)} for TrainingArguments.{key}"
+                + (": a string, not a number" if spelling else ""),
                 path=where,
                 key=f"training_args.{key}",
-                fix=f"expected {_type_name(fields[key])}",
+                fix=f"write {spelling} (a number, without quotes)" if spelling else f"expected {expected}",
             )
+    check_training_arg_ranges(value, where)
     return dict(value)
+
+
+def _takes_numbers(tp: Any) -> bool:
+    return _conforms(1, tp) or _conforms(1.5, tp)
+
+
+#: TrainingArguments fields with a range: name -> (lowest, lowest allowed?, highest, highest allowed?, what it is)
+_RANGES: dict[str, tuple[float | None, bool, float | None, bool, str]] = {
+    "learning_rate": (0, False, None, False, "a learning rate such as 2.0e-5"),
+    "num_train_epochs": (0, False, None, False, "a number of epochs such as 3"),
+    "per_device_train_batch_size": (1, True, None, False, "a batch size of at least 1"),
+    "per_device_eval_batch_size": (1, True, None, False, "a batch size of at least 1"),
+    "gradient_accumulation_steps": (1, True, None, False, "a step count of at least 1"),
+    "eval_accumulation_steps": (1, True, None, False, "a step count of at least 1, or null"),
+    "adam_beta1": (0, True, 1, False, "a decay rate in [0, 1) such as 0.9"),
+    "adam_beta2": (0, True, 1, False, "a decay rate in [0, 1) such as 0.999"),
+    "adam_epsilon": (0, False, None, False, "a small positive number such as 1.0e-8"),
+    "weight_decay": (0, True, None, False, "a decay of 0 or more such as 0.01"),
+    "warmup_ratio": (0, True, 1, True, "a fraction in [0, 1] such as 0.03"),
+    "warmup_steps": (0, True, None, False, "0 or more steps (transformers 5: a value below 1 is a ratio)"),
+    "max_grad_norm": (0, True, None, False, "a norm of 0 or more such as 1.0 (0 turns clipping off)"),
+    "label_smoothing_factor": (0, True, 1, False, "a factor in [0, 1) such as 0.1"),
+    "logging_steps": (0, False, None, False, "a positive step count (a value below 1 is a ratio of the run)"),
+    "save_steps": (0, False, None, False, "a positive step count (a value below 1 is a ratio of the run)"),
+    "eval_steps": (0, False, None, False, "a positive step count, or null"),
+    "save_total_limit": (1, True, None, False, "at least 1 checkpoint, or null for no limit"),
+    "seed": (0, True, 2**32 - 1, True, "a seed in [0, 2**32 - 1] such as 42"),
+    "data_seed": (0, True, 2**32 - 1, True, "a seed in [0, 2**32 - 1], or null"),
+    "dataloader_num_workers": (0, True, None, False, "0 or more worker processes"),
+    "torch_empty_cache_steps": (1, True, None, False, "a step count of at least 1, or null"),
+}
+
+
+def check_training_arg_ranges(mapping: "typing.Mapping[str, Any]", where: str = "<recipe>", *,
+                              prefix: str = "training_args") -> None:
+    """Raise a RecipeError for the first out-of-range number among TrainingArguments fields in ``mapping``
+    (field name -> value): every float must be finite and every int fit in 64 bits, and the common fields keep
+    to their meaning (``learning_rate`` > 0, ``max_steps`` -1 or >= 1, batch sizes >= 1, ``adam_beta1/2`` in
+    [0, 1), ...: see ``_RANGES``). Values that are not numbers (None, strings, bools) are left to the type check.
+
+    ``where`` names the source (a recipe path, or e.g. ``"command line"``) and ``prefix`` is put before each
+    field in the error's key (``training_args.max_steps``; pass ``prefix=""`` for bare field names). Meant to be
+    reused for TrainingArguments given outside a recipe, e.g. command-line flags once parsed to numbers."""
+    for name, val in mapping.items():
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            continue
+        key = _join(prefix, name)
+        shown = short_repr(val)
+        if isinstance(val, float) and not math.isfinite(val):
+            raise RecipeError(f"{name} = {shown} is not a finite number", path=where, key=key,
+                              fix=f"write {name}: {_RANGES[name][4] if name in _RANGES else 'a finite number'}")
+        if isinstance(val, int) and abs(val) > INT64_MAX:
+            raise RecipeError(f"{name} = {shown} does not fit in 64 bits", path=where, key=key,
+                              fix=f"write {name}: {_RANGES[name][4] if name in _RANGES else 'a smaller number'}")
+        if name == "max_steps":
+            if val != -1 and val < 1:
+                raise RecipeError(
+                    f"max_steps = {shown} is out of range: -1 trains for num_train_epochs, otherwise it is the "
+                    "number of optimizer steps",
+                    path=where, key=key, fix="write max_steps: -1 (epochs decide) or a step count of at least 1",
+                )
+            continue
+        if name not in _RANGES:
+            continue
+        low, low_ok, high, high_ok, what = _RANGES[name]
+        below = low is not None and (val < low or (val == low and not low_ok))
+        above = high is not None and (val > high or (val == high and not high_ok))
+        if below or above:
+            bounds = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
+            raise RecipeError(f"{name} = {shown} is out of range {bounds}", path=where, key=key,
+                              fix=f"write {name}: {what}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+from .number_checks import number_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -44,6 +46,19 @@ class TechniqueConfig(BaseModel):
     """Base of every technique config: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every field of every subclass: a number field refuses ``true`` and ``"1e-3"`` (pydantic's lax mode
+        would read 1 and 0.001) and ints beyond 64 bits; no field takes nan or inf, inside lists and mappings
+        too. Runs before the field's own constraints (``gt=0`` lets inf through and says nan is "not > 0")."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None:
+            problem = number_problem(value, field.annotation)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 @dataclass

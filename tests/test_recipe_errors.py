@@ -224,7 +224,7 @@ DICT_CASES = [
     Bad("dict-non-string-setting-key", {"optimizer": {"adamw": {1: 2}}}, "optimizer.adamw.1", ("invalid value 1",)),
     Bad("dict-betas-scalar", {"optimizer": {"adamw": {"betas": 0.9}}}, "optimizer.adamw.betas",
         ("invalid value 0.9",)),
-    Bad("dict-lr-nan", {"optimizer": {"adamw": {"lr": math.nan}}}, "optimizer.adamw.lr", ("greater than 0",)),
+    Bad("dict-lr-nan", {"optimizer": {"adamw": {"lr": math.nan}}}, "optimizer.adamw.lr", ("not a finite number",)),
     Bad("dict-rank-pattern-key", {"adapter": {"lora": {"rank_pattern": {1: 4}}}}, "adapter.lora.rank_pattern.1",
         ("invalid value 1", "valid string")),
     Bad("dict-alpha-pattern-value", {"adapter": {"qlora": {"alpha_pattern": {"q": "x"}}}},

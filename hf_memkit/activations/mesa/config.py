@@ -36,7 +36,7 @@ class MesaConfig(TechniqueConfig):
     """
 
     bits: int = Field(8, description="bits per saved element; only 8 is implemented (Mesa's setting)")
-    groups: int = Field(8, ge=1, description="channel groups per tensor, each with its own range "
+    groups: int = Field(8, ge=1, le=4096, description="channel groups per tensor, each with its own range "
                         "(gcd with the channel count); attention tensors always get one group per head")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="λ of the running range estimate (0 = the current "
                              "tensor's min/max only)")

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveInt
 
+from ...config_types import MAX_RANK, Rank
 from ...technique import TechniqueConfig
 
 
@@ -22,7 +23,7 @@ class LoraConfigFields(TechniqueConfig):
     installed PEFT.
     """
 
-    r: int = Field(8, ge=1, description="rank of the update A·B")
+    r: int = Field(8, ge=1, le=MAX_RANK, description="rank of the update A·B")
     lora_alpha: int = Field(16, ge=1, description="scaling numerator: the update is scaled by lora_alpha / r")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
     target_modules: list[str] | str = Field(
@@ -36,9 +37,10 @@ class LoraConfigFields(TechniqueConfig):
         True, description="initialisation of A and B; true = B is zero so training starts at the base model"
     )
     modules_to_save: list[str] | None = Field(None, description="modules trained in full and saved with the adapter")
-    layers_to_transform: list[int] | int | None = Field(None, description="only these decoder layer indices")
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module rank overrides (regex -> r)")
-    alpha_pattern: dict[str, int] = Field(default_factory=dict, description="per-module alpha overrides")
+    layers_to_transform: list[NonNegativeInt] | NonNegativeInt | None = Field(
+        None, description="only these decoder layer indices")
+    rank_pattern: dict[str, Rank] = Field(default_factory=dict, description="per-module rank overrides (regex -> r)")
+    alpha_pattern: dict[str, PositiveInt] = Field(default_factory=dict, description="per-module alpha overrides")
 
     def peft_kwargs(self) -> dict:
         return self.model_dump()

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...config_types import MAX_RANK
 from ...technique import TechniqueConfig
 
 
@@ -26,7 +27,8 @@ class LorcAdapterConfig(TechniqueConfig):
     ``nn.Linear`` is quantized); combining with a ``compress`` slot (this adapter quantizes the base itself).
     """
 
-    rank: int = Field(8, ge=1, description="rank r of the compensation A·B (capped at min(in, out) per layer)")
+    rank: int = Field(8, ge=1, le=MAX_RANK,
+                      description="rank r of the compensation A·B (capped at min(in, out) per layer)")
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per frozen base weight")
     group_size: int | None = Field(128, ge=1, description="input columns per scale/zero point (null: per channel)")
     symmetric: bool = Field(False, description="symmetric grid instead of asymmetric")

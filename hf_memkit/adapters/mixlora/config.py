@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from ...config_types import MAX_RANK
 from ...technique import TechniqueConfig
 
 
@@ -27,14 +28,14 @@ class MixLoraFields(TechniqueConfig):
     and cheaper per step.
     """
 
-    r: int = Field(8, ge=1, description="rank of every LoRA (attention projections and experts)")
+    r: int = Field(8, ge=1, le=MAX_RANK, description="rank of every LoRA (attention projections and experts)")
     lora_alpha: int = Field(16, ge=1, description="scaling numerator: updates are scaled by lora_alpha / r")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on every adapter input")
     target_modules: list[str] | str | None = Field(
         None, description="attention projections that get plain LoRA (null: q/k/v/o_proj, or c_attn/c_proj for GPT-2)"
     )
     ffn_modules: list[str] | str = Field("mlp", description="name (suffix) of the FFN blocks that become MoE layers")
-    num_experts: int = Field(8, ge=1, description="LoRA experts per FFN")
+    num_experts: int = Field(8, ge=1, le=1024, description="LoRA experts per FFN")
     top_k: int = Field(2, ge=1, description="experts per token (at most num_experts)")
     router_aux_loss_coef: float = Field(0.01, ge=0, description="coefficient of the router load-balance loss")
     router_init_range: float = Field(0.02, ge=0, description="std of the router's initial weights")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ...config_types import Betas
 from ...technique import TechniqueConfig
 
 
@@ -17,7 +18,7 @@ class AdamWConfig(TechniqueConfig):
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="decay rates of the first and second moments")
+    betas: Betas = Field((0.9, 0.999), description="decay rates of the first and second moments")
     eps: float = Field(1e-8, gt=0, description="added to the denominator for numerical stability")
     weight_decay: float | None = Field(
         None, ge=0, description="decoupled weight decay; null takes TrainingArguments.weight_decay"

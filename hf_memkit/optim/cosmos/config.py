@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
 
 
@@ -30,12 +31,12 @@ class CosmosConfig(TechniqueConfig):
 
     lr: float | None = Field(None, gt=0, description="AdamW-path learning rate (hidden matrices use lr·lr_ratio); "
                              "null takes TrainingArguments.learning_rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="β1 (momentum) and β2 (EMA of GᵀG and of the "
+    betas: Betas = Field((0.9, 0.999), description="β1 (momentum) and β2 (EMA of GᵀG and of the "
                                        "second moment in the subspace)")
     eps: float = Field(1e-8, gt=0, description="added to the second-moment root")
     weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay W ← W·(1 − lr·wd); null "
                                        "takes TrainingArguments.weight_decay")
-    rank: int = Field(64, ge=1, description="dimension r of the SOAP eigensubspace (clipped to min(m, n))")
+    rank: int = Field(64, ge=1, le=MAX_RANK, description="dimension r of the SOAP eigensubspace (clipped to min(m, n))")
     gamma: float = Field(0.2, ge=0, description="weight of the Muon (residual) part relative to the SOAP part")
     lr_ratio: float = Field(0.1, gt=0, description="hidden-matrix step RMS / lr (the reference's lr_ratio)")
     nesterov: bool = Field(True, description="Nesterov-style momentum (the reference default)")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
 
 
@@ -24,11 +25,11 @@ class FiraConfig(TechniqueConfig):
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="decay rates of the low-rank Adam moments")
+    betas: Betas = Field((0.9, 0.999), description="decay rates of the low-rank Adam moments")
     eps: float = Field(1e-6, gt=0, description="added to the second-moment root (the reference's 1e-6)")
     weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay; null takes "
                                        "TrainingArguments.weight_decay")
-    rank: int = Field(64, ge=1, description="projection rank r (clipped to min(m, n))")
+    rank: int = Field(64, ge=1, le=MAX_RANK, description="projection rank r (clipped to min(m, n))")
     update_proj_gap: int = Field(200, ge=1, description="steps between projection refreshes (SVD of the gradient)")
     alpha: float = Field(0.25, gt=0, description="scale of the projected-back low-rank update (GaLore's scale)")
     limiter: float = Field(1.01, ge=1, description="γ of the norm-growth limiter: ‖S_t‖ ≤ γ·‖S_t-1‖")

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
 
 
@@ -34,11 +35,11 @@ class SSTConfig(TechniqueConfig):
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam decay rates")
+    betas: Betas = Field((0.9, 0.999), description="Adam decay rates")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay (applied to Σ and the "
                                        "AdamW parameters); null takes TrainingArguments.weight_decay")
-    rank: int = Field(64, ge=1, description="r: singular-vector pairs trained per layer and iteration")
+    rank: int = Field(64, ge=1, le=MAX_RANK, description="r: singular-vector pairs trained per layer and iteration")
     interval: int = Field(200, ge=1, description="T3: steps per iteration (pairs are re-drawn after each)")
     iteration_warmup: int = Field(20, ge=0, description="steps of linear lr warm-up for the newly drawn pairs "
                                   "(their moments restart at zero)")
@@ -50,4 +51,4 @@ class SSTConfig(TechniqueConfig):
     target_modules: str | list[str] = Field(
         "all-linear", description="factored Linear layers, as TrainingArguments.optim_target_modules "
         "('all-linear' = every nn.Linear but the output head)")
-    seed: int = Field(0, description="seed of the pair sampling (its own generator; the torch RNG is untouched)")
+    seed: int = Field(0, ge=0, description="seed of the pair sampling (its own generator; the torch RNG is untouched)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ...config_types import Betas
 from ..sparse_training import SparseTrainingFields
 
 
@@ -28,6 +29,8 @@ class ASTConfig(SparseTrainingFields):
     is the baseline to beat.
     """
 
+    # redeclared from SparseTrainingFields to bound each β to [0, 1)
+    betas: Betas = Field((0.9, 0.999), description="Adam β1, β2")
     decay: float = Field(6e-5, ge=0, description="λ: the decay strength on pruned weights (AST's code default; "
                          "the GPT-2 README uses 1e-4)")
     decay_ramp: float = Field(0.25, gt=0, le=1, description="fraction of the run over which λ_t ramps linearly "

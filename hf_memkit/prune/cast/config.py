@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ...config_types import Betas
 from ..sparse_training import SparseTrainingFields
 
 
@@ -28,6 +29,8 @@ class CASTConfig(SparseTrainingFields):
     drops logits (cce) while distilling. In bf16 keep fp32 master weights (λ is below bf16 resolution).
     """
 
+    # redeclared from SparseTrainingFields to bound each β to [0, 1)
+    betas: Betas = Field((0.9, 0.999), description="Adam β1, β2")
     decay: float = Field(1e-4, ge=0, description="λ: the L1 decay blended into the first moment of pruned weights "
                          "(same order as the gradient; 4e-7 for LLaMA2-7B)")
     scale_groups: int = Field(2, ge=1, description="n: learnable scalars per weight row (column groups), folded "

@@ -39,7 +39,7 @@ class BlockAPConfig(CalibrationFields, WeightQuantFields):
         "1e-5 otherwise (the reference's values); 0 freezes them",
     )
     train_norms: bool = Field(True, description="also train the block's normalisation weights")
-    seed: int = Field(0, description="seed of the sample order")
+    seed: int = Field(0, ge=0, description="seed of the sample order")
 
     def weight_lr(self) -> float:
         if self.lr_weight is not None:

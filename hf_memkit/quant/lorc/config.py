@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ...config_types import MAX_RANK
 from ...technique import TechniqueConfig
 
 
@@ -26,7 +27,8 @@ class LoRCConfig(TechniqueConfig):
     with e2e_qp (its trained scales change the error the factors were fitted to).
     """
 
-    rank: int = Field(8, ge=1, description="rank m of the correction A·B (capped at min(in, out) per layer)")
+    rank: int = Field(8, ge=1, le=MAX_RANK,
+                      description="rank m of the correction A·B (capped at min(in, out) per layer)")
     factor_bits: Literal[4, 8] | None = Field(
         None, description="round the factors to a per-row symmetric grid of this many bits (null = keep them in "
         "the model dtype). The PEFT adapter stores the rounded values in the model dtype",

@@ -41,7 +41,7 @@ class LisaConfig(TechniqueConfig):
         "the head only (the embedding output is detached), so the layers below the lowest active one save no "
         "activations",
     )
-    seed: int | None = Field(None, description="seed of the layer sampler; null takes TrainingArguments.seed")
+    seed: int | None = Field(None, ge=0, description="seed of the layer sampler; null takes TrainingArguments.seed")
     drop_optimizer_state: bool = Field(
         True, description="delete the optimizer state of deactivated layers (false keeps it, as LMFlow does, "
         "and memory grows with every layer visited)"
