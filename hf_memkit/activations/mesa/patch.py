@@ -132,6 +132,11 @@ class MesaPatcher:
 
     # --- all --------------------------------------------------------------------------------------------------
     def apply(self, model: Any) -> None:
+        from ...integrations.hub_kernels import disable_hub_kernels
+
+        restore = disable_hub_kernels(model, "Mesa replaces the forward of norms, MLPs and attention")
+        if restore is not None:
+            self._undo.append(restore)  # undone last, after the forwards are gone
         gated = set()
         for name, m in model.named_modules():
             cls = type(m).__name__
