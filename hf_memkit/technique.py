@@ -153,6 +153,10 @@ class Technique:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output read back from a checkpoint. The values come from a file, so check
+        them (types, ranges, layer indices, tensor shapes) with :class:`hf_memkit.state_schema.StateReader`, which
+        raises CheckpointError naming the key, the value and the fix; anything else raised here is reported as a
+        corrupt checkpoint too."""
         if state:
             raise NotImplementedError(f"technique {self.name!r} saved state but cannot load it")
 

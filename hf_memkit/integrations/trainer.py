@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -112,39 +111,21 @@ class RecipeRuntime:
         return (loss, outputs) if return_outputs else loss
 
     # state ----------------------------------------------------------------------------------------------------
-    def save_state(self, checkpoint_dir: str) -> None:
-        import torch
-        from safetensors.torch import save_file
+    def stateful(self) -> list[str]:
+        """The techniques that keep state now (a checkpoint of this run must carry ``memkit_state/``)."""
+        return [t.name for t in self.techniques if t.state_dict()]
 
-        folder = os.path.join(checkpoint_dir, STATE_DIR)
-        os.makedirs(folder, exist_ok=True)
-        meta: dict[str, Any] = {"format": 1, "recipe": self.recipe.to_dict(), "techniques": {}}
-        tensors: dict[str, Any] = {}
-        for t in self.techniques:
-            entry: dict[str, Any] = {}
-            for key, value in t.state_dict().items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{t.name}/{key}"] = value.detach().cpu().contiguous()
-                    entry[key] = {"__tensor__": f"{t.name}/{key}"}
-                else:
-                    try:
-                        json.dumps(value)
-                    except TypeError as exc:
-                        raise TypeError(
-                            f"technique {t.name!r}: state {key!r} is neither a tensor nor JSON-serialisable ({exc})"
-                        ) from None
-                    entry[key] = value
-            meta["techniques"][t.name] = entry
-        save_file(tensors, os.path.join(folder, STATE_TENSORS))
-        with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+    def save_state(self, checkpoint_dir: str) -> None:
+        from .memkit_state import write_state
+
+        write_state(self.techniques, self.recipe, checkpoint_dir)
 
     def load_state(self, checkpoint_dir: str) -> None:
-        from safetensors.torch import load_file
+        from .memkit_state import read_state
 
         folder = os.path.join(checkpoint_dir, STATE_DIR)
-        stateful = [t.name for t in self.techniques if t.state_dict()]
         if not os.path.isdir(folder):
+            stateful = self.stateful()
             if stateful:
                 raise CheckpointError(
                     f"{checkpoint_dir} has no {STATE_DIR}/ but the techniques {', '.join(stateful)} keep state; "
@@ -152,32 +133,7 @@ class RecipeRuntime:
                 )
             logger.warning("hf_memkit: %s carries no memkit state; starting the techniques fresh", checkpoint_dir)
             return
-        try:
-            with open(os.path.join(folder, STATE_JSON), encoding="utf-8") as f:
-                meta = json.load(f)
-            tensors = load_file(os.path.join(folder, STATE_TENSORS))
-        except Exception as exc:  # OSError, JSONDecodeError, safetensors' SafetensorError (no common base)
-            raise CheckpointError(
-                f"the memkit state in {folder} is unreadable ({type(exc).__name__}: {exc}); resume from an earlier "
-                "checkpoint or delete this one"
-            ) from None
-        saved = set(meta.get("techniques", {}))
-        current = {t.name for t in self.techniques}
-        if saved != current:
-            raise CheckpointError(
-                f"{checkpoint_dir} was written with the techniques {sorted(saved)} but this run has "
-                f"{sorted(current)}; resume with the checkpoint's recipe ({folder}/{STATE_JSON} holds it)"
-            )
-        for t in self.techniques:
-            entry = meta["techniques"][t.name]
-            try:
-                state = {
-                    k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v
-                    for k, v in entry.items()
-                }
-            except KeyError as exc:
-                raise CheckpointError(f"{folder}: tensor {exc} is missing; the checkpoint is corrupt") from None
-            t.load_state_dict(state)
+        read_state(self.techniques, checkpoint_dir)
 
     # finalize -------------------------------------------------------------------------------------------------
     def finalize(self, model: Any, output_dir: str) -> None:
@@ -239,7 +195,7 @@ def _trainer_has_optimizer(trainer: Any) -> bool:
 def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
     """Wire ``runtime`` into an initialised trainer by replacing methods on the instance (reversible with
     :func:`detach`)."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+    from .checkpoints import resolve_resume, save_checkpoint
 
     if getattr(trainer, "memkit", None) is not None:
         raise RecipeError(
@@ -266,23 +222,14 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
             return runtime.compute_loss(originals["compute_loss"], model, inputs, return_outputs, num_items_in_batch)
 
     def _save_checkpoint(model, trial):
-        originals["_save_checkpoint"](model, trial)
-        if trainer.args.should_save:
-            run_dir = trainer._get_output_dir(trial=trial)
-            runtime.save_state(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"))
+        # staged, state added, renamed, then rotated: a checkpoint is complete or absent (see .checkpoints)
+        save_checkpoint(trainer, runtime, originals["_save_checkpoint"], model, trial)
 
     def train(resume_from_checkpoint=None, *args, **kwargs):
-        ckpt = resume_from_checkpoint
-        if ckpt is True:
-            ckpt = get_last_checkpoint(trainer.args.output_dir)
-            if ckpt is None:
-                raise CheckpointError(
-                    f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no checkpoint-* folder; "
-                    "train without resuming or point to a checkpoint"
-                )
+        ckpt = resolve_resume(resume_from_checkpoint, trainer.args.output_dir, bool(runtime.stateful()))
         if isinstance(ckpt, str):
             runtime.load_state(ckpt)
-        result = originals["train"](resume_from_checkpoint, *args, **kwargs)
+        result = originals["train"](ckpt if isinstance(ckpt, str) else resume_from_checkpoint, *args, **kwargs)
         if trainer.args.should_save:
             runtime.finalize(trainer.model, trainer.args.output_dir)
         return result

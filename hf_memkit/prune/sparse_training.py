@@ -218,12 +218,24 @@ class SparseTrainingTechnique(OptimizerTechnique):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import torch
 
-        self.flips = int(state.get("flips", 0))
-        for name, lin in self.layers.items():
-            saved = state.get(f"mask/{name}")
-            if saved is not None:
-                with torch.no_grad():
-                    lin.sparse_mask.copy_(saved.to(torch.bool))
+        from ..state_schema import StateReader
+
+        r = StateReader(state, self.name)
+        masked = {name: lin for name, lin in self.layers.items() if hasattr(lin, "sparse_mask")}
+        r.unknown_keys(["flips", *(f"mask/{n}" for n in masked)])
+        flips = r.int("flips", 0)
+        masks = {}
+        for name, lin in masked.items():
+            # a mask that is missing or not 2:4 would train a different sparsity pattern without a word
+            mask = r.tensor(f"mask/{name}", dtype=torch.bool, shape=tuple(lin.sparse_mask.shape))
+            groups = mask.reshape(mask.shape[0], -1, 4) if mask.dim() == 2 and mask.shape[-1] % 4 == 0 else None
+            if groups is None or not bool((groups.sum(-1) == 2).all()):
+                raise r.error(f"mask/{name}", mask, "is not a 2:4 mask (two of every four inputs kept)")
+            masks[name] = mask
+        self.flips = flips
+        with torch.no_grad():
+            for name, mask in masks.items():
+                masked[name].sparse_mask.copy_(mask)
 
     # 2
     def estimate(self, mem: Any) -> None:

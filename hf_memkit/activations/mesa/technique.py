@@ -69,9 +69,29 @@ class MesaTechnique(Technique):
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != 1:
-            raise CheckpointError(f"{KEY}: the checkpoint's Mesa state has an unknown format; resume from a "
-                                  "checkpoint written by this version of hf_memkit")
+        from ...state_schema import StateReader
+
+        r = StateReader(state, self.name)
+        if r.get("format") != 1:
+            raise r.error("format", state["format"], "is not a Mesa state format this version reads (1)")
+        per: dict[str, dict[str, Any]] = {}
+        for key in state:
+            if key == "format":
+                continue
+            name, sep, field = key.rpartition("/")
+            if not sep or field not in ("alpha", "beta"):
+                raise r.error(key, state[key], "is a key the Mesa state never has (<module>/alpha or /beta)")
+            # a running range: one fp32 value per quantization group, the width (alpha) never negative
+            v = r.tensor(key, ndim=1, floating=True, finite=True)
+            if field == "alpha" and bool((v < 0).any()):
+                raise r.error(key, v, "holds a negative range width")
+            per.setdefault(name, {})[field] = v
+        for name, fields in per.items():
+            if set(fields) != {"alpha", "beta"}:
+                raise r.missing(f"{name}/{'beta' if 'alpha' in fields else 'alpha'}")
+            if fields["alpha"].shape != fields["beta"].shape:
+                raise r.error(f"{name}/beta", fields["beta"], f"does not match {name}/alpha "
+                              f"{tuple(fields['alpha'].shape)}")
         if self._patcher is None:
             self._pending = dict(state)
         else:

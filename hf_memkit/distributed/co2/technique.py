@@ -72,4 +72,22 @@ class CO2Technique(DistributedTechnique):
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._loaded = dict(state) if state else None
+        if not state:
+            self._loaded = None
+            return
+        from ...state_schema import StateReader
+
+        r = StateReader(state, self.name, fix="resume from a checkpoint of this recipe and model (CO2's state is "
+                        "the flat trainable parameters, so the trainable set must match), or start without "
+                        "resume_from_checkpoint")
+        r.unknown_keys(("anchor", "momentum", "rounds", "in_flight"))
+        model = getattr(self.trainer, "model", None)
+        # the callback flattens the parameters that require grad: the saved vectors must have that length
+        size = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else None
+        shape = None if size is None else (size,)
+        anchor = r.tensor("anchor", ndim=1, shape=shape, floating=True, finite=True)
+        r.tensor("momentum", shape=tuple(anchor.shape), floating=True, finite=True)
+        r.int("rounds", 0)
+        if "in_flight" in state:
+            r.tensor("in_flight", shape=tuple(anchor.shape), floating=True, finite=True)
+        self._loaded = dict(state)

@@ -72,10 +72,24 @@ class SSTTechnique(OptimizerTechnique):
         return factor_state_dict(self.layers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from .layer import load_factor_state_dict_
+        from ...state_schema import StateReader
+        from .layer import FACTOR_FIELDS, load_factor_state_dict_
 
-        if state:
-            load_factor_state_dict_(self.layers, state)
+        if not state:
+            return
+        r = StateReader(state, self.name, fix="resume with the rank and target_modules the checkpoint was written "
+                        "with (memkit_state/state.json holds its recipe), or start without resume_from_checkpoint")
+        r.unknown_keys(f"{name}.{f}" for name in self.layers for f in FACTOR_FIELDS)
+        for name, layer in self.layers.items():
+            for f in FACTOR_FIELDS:
+                target = getattr(layer, f)
+                # a perm is an index (integer dtype), the factors are values: the dtype class must match
+                v = r.tensor(f"{name}.{f}", shape=tuple(target.shape), finite=True)
+                if v.is_floating_point() != target.is_floating_point():
+                    raise r.error(f"{name}.{f}", v, f"has dtype {v.dtype} where this run needs {target.dtype}")
+                if f == "perm" and not _is_permutation(v):
+                    raise r.error(f"{name}.{f}", v, f"is not a permutation of 0..{v.numel() - 1}")
+        load_factor_state_dict_(self.layers, state)
 
     # --- memory ----------------------------------------------------------------------------------------------
     def estimate(self, mem: Any) -> None:
@@ -101,3 +115,9 @@ class SSTTechnique(OptimizerTechnique):
             mem.needs_input.add(module)
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), self.name,
                 "2 fp32 moments for Σ, the active pairs and the AdamW parameters")
+
+
+def _is_permutation(perm: Any) -> bool:
+    import torch
+
+    return perm.dim() == 1 and torch.equal(torch.sort(perm.long().cpu()).values, torch.arange(perm.numel()))

@@ -21,7 +21,7 @@ import logging
 import warnings
 from typing import Any, ClassVar
 
-from ...errors import CheckpointError, IncompatibleModelError, RecipeError
+from ...errors import IncompatibleModelError, RecipeError
 from ...technique import PatchHandle, Technique, ValidationContext
 from ..layers import num_hidden_layers, find_decoder_layers, resolve_always_train, role_parameters
 from ..optimizer_state import check_per_parameter_state, drop_state, optimized_parameters
@@ -221,25 +221,47 @@ class LisaTechnique(Technique):
                 "sampler_state": sampler}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            active = [int(i) for i in state["active_layers"]]
-            drawn_at = int(state["drawn_at_step"])
-            sampler = state["sampler_state"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{KEY}: the saved LISA state is incomplete ({exc}); resume from a checkpoint "
-                                  "written by this version of hf_memkit") from None
-        n = len(self._layer_params) or None
+        from ...state_schema import StateReader
+
+        r = StateReader(state, self.name, fix="resume from a checkpoint written by this recipe on this model "
+                        "(memkit_state/state.json holds its recipe), or start without resume_from_checkpoint")
+        r.unknown_keys(("active_layers", "drawn_at_step", "sampler_state"))
+        n = len(self._layer_params) or None  # None: not patched yet, the layer count is unknown
         gamma = min(self.config.active_layers, n) if n else self.config.active_layers
-        if active and (len(active) != gamma or (n is not None and max(active) >= n)):
-            raise CheckpointError(
-                f"{KEY}: the checkpoint's active layers {active} do not fit active_layers={self.config.active_layers}"
-                f"{f' on a {n}-layer model' if n else ''}; resume with the recipe the checkpoint was written with"
-            )
+        active = r.int_list("active_layers", 0, n)
+        if active and len(active) != gamma:
+            raise r.error("active_layers", active, f"has {len(active)} layers but this recipe trains "
+                          f"active_layers={self.config.active_layers}{f' of {n}' if n else ''}")
+        drawn_at = r.int("drawn_at_step", -1)
+        sampler = r.tensor("sampler_state", dtype=_uint8(), ndim=1)
+        if sampler.numel() not in (0, _generator_state_size()):
+            raise r.error("sampler_state", sampler, f"is not a CPU generator state ({_generator_state_size()} "
+                          "bytes)")
+        if bool(active) != bool(sampler.numel()) or bool(active) != (drawn_at >= 0):
+            raise r.error("active_layers", active, f"does not match drawn_at_step={drawn_at} and the sampler "
+                          "state (a set is drawn exactly when the sampler has started)")
+        try:
+            LayerSampler(max(n or gamma, gamma), gamma).set_state(sampler)  # a state torch refuses fails here
+        except (RuntimeError, ValueError) as exc:
+            raise r.error("sampler_state", sampler, f"is refused by torch ({exc})") from None
         self._active = active or None
         self._drawn_at = drawn_at
         self._pending_sampler_state = sampler
         if self._sampler is not None:
             self._sampler.set_state(sampler)
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+@functools.lru_cache(maxsize=1)
+def _generator_state_size() -> int:
+    import torch
+
+    return torch.Generator(device="cpu").get_state().numel()
 
 
 def _check_engine(args: Any) -> None:

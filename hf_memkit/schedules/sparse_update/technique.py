@@ -363,19 +363,44 @@ class SparseUpdateTechnique(Technique):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "plan" not in state:
-            raise CheckpointError(f"{KEY}: the saved state has no plan; resume from a checkpoint written by this "
-                                  "version of hf_memkit")
-        if state["plan"] is None:
+        from ...state_schema import StateReader
+
+        r = StateReader(state, self.name)
+        raw = r.get("plan")
+        if raw is None:
             return
-        self._restored_slices = {k[len("slice/"):]: v for k, v in state.items() if k.startswith("slice/")}
         if self._model is None:
             raise CheckpointError(f"{KEY}: load the state after the model is patched (the Trainer wiring does)")
-        try:
-            plan = Plan.from_json(state["plan"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{KEY}: the saved plan is unreadable ({exc})") from None
+        plan = self._read_plan(r, r.mapping("plan"))
+        slices = {k[len("slice/"):]: v for k, v in state.items() if k.startswith("slice/")}
+        r.unknown_keys(["plan", *(f"slice/{n}" for n in plan.channels)])
+        if self.config.quantized:  # the int8 slices cannot be re-derived from the weights: each must be there
+            for n in plan.channels:
+                r.get(f"slice/{n}")
+        for n, v in slices.items():
+            m = self._patches[n].module
+            r.tensor(f"slice/{n}", shape=(m.out_features, len(plan.channels[n])), floating=True, value=v)
+        self._restored_slices = slices
         self._apply_plan(plan)
+
+    def _read_plan(self, r: Any, raw: dict[str, Any]) -> Plan:
+        """Every entry of the saved plan checked against this model: layer count, patched modules, channel
+        indices within each module's inputs."""
+        for field in ("bias_layers", "channels"):
+            if field not in raw:
+                raise r.missing(f"plan.{field}")
+        n_layers = len(self._layers) if self._layers is not None else None
+        bias_layers = r.int("plan.bias_layers", 0, n_layers, value=raw["bias_layers"])
+        channels = r.mapping("plan.channels", value=raw["channels"])
+        out: dict[str, list[int]] = {}
+        for name, idx in channels.items():
+            if name not in self._patches:
+                raise r.error(f"plan.channels.{name}", idx, "names a module this run did not patch (another "
+                              "model or recipe)")
+            out[name] = r.int_list(f"plan.channels.{name}", 0, self._patches[name].module.in_features, value=idx)
+        weights = {n[: -len(".weight")] for n, _ in self._model.named_parameters() if n.endswith(".weight")}
+        full = r.str_list("plan.full", weights, value=raw.get("full", []))
+        return Plan(bias_layers, out, full)
 
     # 8 ----------------------------------------------------------------------------------------------------------
     def finalize(self, model: Any, output_dir: str) -> None:
