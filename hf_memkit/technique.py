@@ -109,6 +109,9 @@ class Technique:
     #: the paper or library this technique comes from
     reference: ClassVar[str] = ""
     version: ClassVar[str] = "1"
+    #: for techniques that hook library internals: package -> the version range it was verified on; outside
+    #: it the run warns (:mod:`hf_memkit.integrations.versions`)
+    verified_with: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: TechniqueConfig | None = None):
         self.config = config if config is not None else self.config_cls()

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from ...errors import CheckpointError
 from ...technique import PatchHandle, Technique
 from .config import MesaConfig
+from ...integrations.versions import TRANSFORMERS
 
 KEY = "activations.mesa"
 
@@ -16,6 +17,7 @@ KEY = "activations.mesa"
 class MesaTechnique(Technique):
     name: ClassVar[str] = "mesa"
     slot: ClassVar[str] = "activations"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS}
     config_cls = MesaConfig
     summary: ClassVar[str] = ("Mesa: tensors saved for backward kept in 8 bits (running per-group ranges, "
                               "stochastic rounding); forward exact")

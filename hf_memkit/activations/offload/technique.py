@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from ...errors import RecipeError
 from ...technique import PatchHandle, Technique, ValidationContext
 from .config import OffloadConfig
+from ...integrations.versions import TRANSFORMERS
 
 KEY = "activations.offload"
 
@@ -29,6 +30,7 @@ def _resolve_to(cfg: OffloadConfig, device_type: str) -> str:
 class OffloadTechnique(Technique):
     name: ClassVar[str] = "offload"
     slot: ClassVar[str] = "activations"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS}
     config_cls = OffloadConfig
     summary: ClassVar[str] = ("Offload: saved tensors to pinned host RAM or disk during forward, back in backward; "
                               "MEMO token-wise variant recomputes the rest")

@@ -4,6 +4,7 @@ from typing import Any, ClassVar
 
 from ...technique import PatchHandle, Technique, ValidationContext
 from .config import LoraConfigFields
+from ...integrations.versions import PEFT
 
 
 def attach_lora(model: Any, fields: dict, technique: str) -> PatchHandle:
@@ -42,6 +43,7 @@ def estimate_lora(mem: Any, fields: dict, dropout: float) -> None:
 class LoraTechnique(Technique):
     name: ClassVar[str] = "lora"
     slot: ClassVar[str] = "adapter"
+    verified_with: ClassVar[dict[str, str]] = {"peft": PEFT}
     config_cls = LoraConfigFields
     summary: ClassVar[str] = "PEFT LoRA adapter (frozen base, trainable low-rank A·B)"
     reference: ClassVar[str] = "Hu et al. 2021; peft.LoraConfig"

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from ...technique import PatchHandle, Technique, ValidationContext
 from .config import LorcAdapterConfig
+from ...integrations.versions import PEFT
 
 
 def lorc_config(fields: dict) -> Any:
@@ -30,6 +31,7 @@ _ENGINE_REASON = (
 class LorcAdapterTechnique(Technique):
     name: ClassVar[str] = "lorc"
     slot: ClassVar[str] = "adapter"
+    verified_with: ClassVar[dict[str, str]] = {"peft": PEFT}
     config_cls = LorcAdapterConfig
     summary: ClassVar[str] = "quantized frozen base + trainable LoRC (SVD-initialised) branch, exports as LoRA"
     reference: ClassVar[str] = "Yao et al. 2023, ZeroQuant-V2 §5; PEFT type LORC"

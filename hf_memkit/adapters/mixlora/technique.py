@@ -4,6 +4,7 @@ from typing import Any, ClassVar
 
 from ...technique import PatchHandle, Technique, ValidationContext
 from .config import MixLoraFields
+from ...integrations.versions import PEFT, TRANSFORMERS
 
 
 def mixlora_config(fields: dict) -> Any:
@@ -15,6 +16,7 @@ def mixlora_config(fields: dict) -> Any:
 class MixLoraTechnique(Technique):
     name: ClassVar[str] = "mixlora"
     slot: ClassVar[str] = "adapter"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS, "peft": PEFT}
     config_cls = MixLoraFields
     summary: ClassVar[str] = "MixLoRA: LoRA on attention + top-k router over LoRA experts sharing each frozen FFN"
     reference: ClassVar[str] = "Li et al. 2024 (TUDB-Labs MixLoRA); PEFT type MIXLORA"

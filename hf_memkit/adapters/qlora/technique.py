@@ -5,6 +5,7 @@ from typing import Any, ClassVar
 from ...technique import PatchHandle, Technique, ValidationContext
 from ..lora.technique import attach_lora, estimate_lora
 from .config import QLoraConfig
+from ...integrations.versions import PEFT
 
 
 _ENGINE_REASON = (
@@ -15,6 +16,7 @@ _ENGINE_REASON = (
 class QLoraTechnique(Technique):
     name: ClassVar[str] = "qlora"
     slot: ClassVar[str] = "adapter"
+    verified_with: ClassVar[dict[str, str]] = {"peft": PEFT}
     config_cls = QLoraConfig
     summary: ClassVar[str] = "bitsandbytes 4-bit (nf4) frozen base + PEFT LoRA"
     reference: ClassVar[str] = "Dettmers et al. 2023; bitsandbytes Linear4bit + peft"

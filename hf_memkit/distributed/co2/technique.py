@@ -12,10 +12,12 @@ from typing import Any, ClassVar
 
 from ..base import DistributedTechnique, cpu_ranks, world_size
 from .config import CO2Config
+from ...integrations.versions import TRANSFORMERS
 
 
 class CO2Technique(DistributedTechnique):
     name: ClassVar[str] = "co2"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS}
     config_cls = CO2Config
     summary: ClassVar[str] = ("CO2: local steps + asynchronous outer all-reduce of the parameters (one-round "
                               "stale), outer momentum with staleness penalty and real clipping")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from ...errors import IncompatibleModelError, RecipeError
 from ...technique import PatchHandle, Technique, ValidationContext
 from .config import CCEConfig
+from ...integrations.versions import TRANSFORMERS
 
 MiB = 2**20
 
@@ -27,6 +28,7 @@ _SHARDED_HEAD = (
 class CCETechnique(Technique):
     name: ClassVar[str] = "cce"
     slot: ClassVar[str] = "loss"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS}
     config_cls = CCEConfig
     summary: ClassVar[str] = "Cut Cross-Entropy: causal-LM loss from hidden states + lm_head, no N×V logits"
     reference: ClassVar[str] = "Wijmans et al. 2024; apple/ml-cross-entropy"

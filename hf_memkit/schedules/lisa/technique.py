@@ -28,6 +28,7 @@ from ..optimizer_state import check_per_parameter_state, drop_state, optimized_p
 from ...memory.frozen_prefix import frozen_prefix_correction
 from .config import LisaConfig
 from .sampler import LayerSampler
+from ...integrations.versions import TRANSFORMERS
 
 logger = logging.getLogger("hf_memkit")
 
@@ -43,6 +44,7 @@ _FLAT = (
 class LisaTechnique(Technique):
     name: ClassVar[str] = "lisa"
     slot: ClassVar[str] = "schedule"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS}
     config_cls = LisaConfig
     summary: ClassVar[str] = ("LISA: γ sampled decoder layers + embeddings/head train, re-drawn every K steps; "
                               "state of inactive layers dropped")

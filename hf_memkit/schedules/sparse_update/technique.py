@@ -23,6 +23,7 @@ from ..optimizer_state import optimized_parameters
 from ...memory.frozen_prefix import frozen_prefix_correction
 from .config import SparseUpdateConfig
 from .plan import Plan, bias_norm_parameters, linear_modules, resolve_layer_indices
+from ...integrations.versions import TRANSFORMERS
 
 logger = logging.getLogger("hf_memkit")
 
@@ -41,6 +42,7 @@ _FLAT = (
 class SparseUpdateTechnique(Technique):
     name: ClassVar[str] = "sparse_update"
     slot: ClassVar[str] = "schedule"
+    verified_with: ClassVar[dict[str, str]] = {"transformers": TRANSFORMERS}
     config_cls = SparseUpdateConfig
     summary: ClassVar[str] = ("sparse update: biases/norms of the last k layers + top-L2 input channels of chosen "
                               "weights; budget planner; int8 + QAS")
