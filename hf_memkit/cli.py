@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="folder that receives the export")
     q.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the perplexity evaluations before and after")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DIR entirely (it is never merged into; without this it is refused)")
 
     x = sub.add_parser("export", help="check an exported folder, refresh its model card, optionally push it",
                        description="DIR is an export (memkit compress -o DIR) or a run's output directory holding "
@@ -92,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("dir", metavar="DIR")
     x.add_argument("--push-to-hub", default=None, metavar="REPO", help="Hub repository id (user/name) to upload to")
     x.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    x.add_argument("--include-reports", action="store_true",
+                   help="also upload the reports the export holds (compression_report.json); by default only the "
+                   "files of the model that its memkit_export.json lists are uploaded")
 
     rc = sub.add_parser("recipes", help="list, explain or validate recipes")
     rsub = rc.add_subparsers(dest="recipes_command", metavar="ACTION")
@@ -147,10 +152,21 @@ def _train(ns: argparse.Namespace, extra: list[str]) -> int:
     return EXIT_OK
 
 
+def _output_error(exc: OSError, what: str) -> int:
+    """A file-system error while writing an output is the user's to fix (permissions, space): one paragraph."""
+    print(f"memkit: {what} failed: {exc.strerror or exc} ({exc.filename or ''}); nothing was replaced (the previous "
+          "output, if any, is intact). Fix: check the folder's permissions and free space, or choose another "
+          "folder", file=sys.stderr)
+    return EXIT_FAIL
+
+
 def _compress(ns: argparse.Namespace) -> int:
     from .quant.oneshot import compress
 
-    s = compress(ns.model, ns.recipe, ns.output_dir, evaluate=ns.evaluate)
+    try:
+        s = compress(ns.model, ns.recipe, ns.output_dir, evaluate=ns.evaluate, overwrite=ns.overwrite)
+    except OSError as exc:
+        return _output_error(exc, f"memkit compress (output {ns.output_dir})")
     before, after = s["perplexity_before"], s["perplexity_after"]
     ppl = f"{before:.3f} -> {after:.3f}" if before is not None and after is not None else "(not measured)"
     print(f"memkit compress: {', '.join(s['techniques'])} -> {s['format']} in {s['output_dir']}")
@@ -162,17 +178,23 @@ def _compress(ns: argparse.Namespace) -> int:
 
 def _export(ns: argparse.Namespace) -> int:
     from .integrations.export import check_export_dir
+    from .integrations.hub import upload_plan
 
-    folder, info = check_export_dir(ns.dir, repo_id=ns.push_to_hub)
+    try:
+        folder, info = check_export_dir(ns.dir, repo_id=ns.push_to_hub)
+    except OSError as exc:
+        return _output_error(exc, f"memkit export {ns.dir}")
     print(f"memkit export: {folder} ({info['format']}, {info['bytes_on_disk'] / 2**20:.2f} MiB of weights)")
     if ns.push_to_hub:
         from .integrations.hub import push_to_hub
 
+        files = upload_plan(folder, include_reports=ns.include_reports)  # a bad folder is a MemkitError, not this
         try:
-            pushed = push_to_hub(folder, ns.push_to_hub, private=ns.private or None)
+            pushed = push_to_hub(folder, ns.push_to_hub, private=ns.private or None,
+                                 include_reports=ns.include_reports)
         except Exception as exc:  # huggingface_hub raises many types (auth, HTTP, offline); all mean the same here
-            print(f"memkit: pushing {folder} to {ns.push_to_hub} failed: {type(exc).__name__}: {exc}\n"
-                  "  fix: log in with `huggingface-cli login` (or set HF_TOKEN), check the repo id, and unset "
+            print(f"memkit: pushing {folder} ({len(files)} files) to {ns.push_to_hub} failed: {type(exc).__name__}: "
+                  f"{exc}\n  fix: log in with `huggingface-cli login` (or set HF_TOKEN), check the repo id, and unset "
                   "HF_HUB_OFFLINE", file=sys.stderr)
             return EXIT_FAIL
         print(f"  pushed {len(pushed['files'])} files to {pushed['repo_id']}: {pushed['commit']}")

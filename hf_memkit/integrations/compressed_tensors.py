@@ -25,6 +25,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import write_json
 from ..errors import IncompatibleModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,8 +198,7 @@ def write_checkpoint(model: Any, out_dir: str, *, verify: bool = True) -> dict[s
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     config["quantization_config"] = qconfig
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_json(path, config, indent=2, sort_keys=True)  # atomic: never a 0-byte or half-edited config.json
     logger.info("hf_memkit: wrote a compressed-tensors pack-quantized checkpoint (%d layers, %s) to %s",
                 len(quantized), ", ".join(s.describe() for s in groups), out_dir)
     return {"quantized_layers": sorted(names), "groups": {s.describe(): len(v) for s, v in groups.items()},

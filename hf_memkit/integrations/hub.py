@@ -1,14 +1,32 @@
-"""Model cards and Hub uploads for exported checkpoints (through ``huggingface_hub``; nothing else here talks
-to the network, and nothing at all does unless ``push_to_hub`` is called)."""
+"""Model cards, the export manifest and Hub uploads for exported checkpoints (through ``huggingface_hub``;
+nothing else here talks to the network, and nothing at all does unless ``push_to_hub`` is called).
+
+Every folder hf_memkit exports carries ``memkit_export.json``: the model card's data plus a manifest of the
+files of the model (``files``: size and sha256 of each), the reports written beside them (``reports``), and the
+hf_memkit version. It is what makes a folder hf_memkit's own: ``memkit export`` refuses folders without one,
+rewrites README.md only inside its own folders, and uploads exactly the files the manifest lists.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
+from ..atomic import write_json, write_text
+from ..errors import MemkitError
+
 CARD = "README.md"
 EXPORT_INFO = "memkit_export.json"
+MANIFEST_VERSION = 1
+#: files an export may hold that are about the run, not part of the model (uploaded only when asked)
+REPORT_FILES = ("compression_report.json",)
+_MANIFEST_KEYS = ("memkit_manifest", "files", "reports")
+
+
+class ForeignFolderError(MemkitError, ValueError):
+    """A folder hf_memkit did not write (no ``memkit_export.json``), or whose manifest does not match it."""
 
 
 def folder_bytes(folder: str, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
@@ -20,25 +38,94 @@ def folder_bytes(folder: str, suffixes: tuple[str, ...] = (".safetensors",)) -> 
     return total
 
 
-def upload_plan(folder: str) -> list[str]:
-    """The files ``push_to_hub`` uploads: everything in the folder except hidden files and caches."""
+def _entry(path: str) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def _walk(folder: str) -> list[str]:
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        for f in sorted(files):
-            if not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
+        out += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/")
+                for f in files if not f.startswith(".")]
     return sorted(out)
 
 
+def write_manifest(folder: str) -> dict[str, Any]:
+    """Hash every file of ``folder`` into its ``memkit_export.json`` (keeping the card data already there).
+    Called on the staged folder just before it is renamed into place, so the manifest lists exactly what the
+    export wrote."""
+    from .. import __version__
+
+    data = read_export_info(folder) or {}
+    files, reports = {}, {}
+    for rel in _walk(folder):
+        if rel != EXPORT_INFO:
+            (reports if rel in REPORT_FILES else files)[rel] = _entry(os.path.join(folder, rel))
+    data.update(memkit_manifest=MANIFEST_VERSION, files=files, reports=reports)
+    data.setdefault("hf_memkit_version", __version__)
+    write_json(os.path.join(folder, EXPORT_INFO), data, default=str)
+    return data
+
+
+def read_manifest(folder: str) -> dict[str, Any] | None:
+    """The manifest of ``folder``; None when it has none (hf_memkit did not write it)."""
+    path = os.path.join(folder, EXPORT_INFO)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ForeignFolderError(f"{path} is unreadable ({exc}); export the model again") from None
+    if not isinstance(data, dict):
+        raise ForeignFolderError(f"{path} is not an hf_memkit manifest; export the model again")
+    return data
+
+
+def check_manifest(folder: str, *, hashes: bool = False) -> dict[str, Any]:
+    """The manifest of an hf_memkit export, after checking that every file it lists is there with its size
+    (and its sha256 when ``hashes``)."""
+    data = read_manifest(folder)
+    if data is None or not isinstance(data.get("files"), dict):
+        raise ForeignFolderError(
+            f"{folder} was not written by hf_memkit (no {EXPORT_INFO} manifest in it), so memkit will not change "
+            "its README.md or upload it; export the model with `memkit compress MODEL --recipe R -o DIR` or a "
+            "training recipe's `export:` section, and pass that folder"
+        )
+    for rel, want in {**data["files"], **(data.get("reports") or {})}.items():
+        path = os.path.join(folder, rel)
+        got = _entry(path) if hashes and os.path.isfile(path) else None
+        if not os.path.isfile(path) or os.path.getsize(path) != want.get("bytes") or (
+                got is not None and got["sha256"] != want.get("sha256")):
+            raise ForeignFolderError(f"{folder}: {rel} is missing or differs from the manifest ({EXPORT_INFO}); "
+                                     "export the model again")
+    return data
+
+
+def upload_plan(folder: str, *, include_reports: bool = False) -> list[str]:
+    """The files ``push_to_hub`` uploads: the files of the model the manifest lists, the manifest itself, and
+    the reports only when ``include_reports`` (never checkpoints, optimizer states or anything else the
+    folder may hold)."""
+    data = check_manifest(folder)
+    files = set(data["files"]) | {EXPORT_INFO}
+    if include_reports:
+        files |= set(data.get("reports") or {})
+    return sorted(files)
+
+
 def push_to_hub(folder: str, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                commit_message: str | None = None, api: Any = None) -> dict[str, Any]:
-    """Create ``repo_id`` if needed and upload the folder (the files of :func:`upload_plan`) in one commit."""
+                commit_message: str | None = None, api: Any = None, include_reports: bool = False) -> dict[str, Any]:
+    """Create ``repo_id`` if needed and upload the files of :func:`upload_plan` in one commit."""
+    files = upload_plan(folder, include_reports=include_reports)  # a foreign folder is refused before the network
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    files = upload_plan(folder)
     repo = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), repo_type="model", folder_path=folder,
                                allow_patterns=files,
@@ -91,15 +178,18 @@ def model_card(info: dict[str, Any]) -> str:
 
 
 def write_card(folder: str, info: dict[str, Any]) -> None:
-    with open(os.path.join(folder, CARD), "w", encoding="utf-8") as f:
-        f.write(model_card(info))
-    with open(os.path.join(folder, EXPORT_INFO), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1, default=str)
+    """Write README.md and the card data into the manifest, both atomically; a manifest that lists files
+    gets README.md's new size and hash."""
+    write_text(os.path.join(folder, CARD), model_card(info))
+    old = read_manifest(folder) or {}
+    data = {k: v for k, v in info.items() if k not in _MANIFEST_KEYS}
+    data.update({k: old[k] for k in _MANIFEST_KEYS if k in old})
+    if isinstance(data.get("files"), dict):
+        data["files"][CARD] = _entry(os.path.join(folder, CARD))
+    write_json(os.path.join(folder, EXPORT_INFO), data, default=str)
 
 
 def read_export_info(folder: str) -> dict[str, Any] | None:
-    path = os.path.join(folder, EXPORT_INFO)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The card data of ``folder``'s manifest (without the file lists); None when there is none."""
+    data = read_manifest(folder)
+    return None if data is None else {k: v for k, v in data.items() if k not in _MANIFEST_KEYS}

@@ -25,6 +25,7 @@ import logging
 import os
 from typing import Any
 
+from ..atomic import write_json
 from ..errors import IncompatibleModelError
 
 logger = logging.getLogger("hf_memkit")
@@ -120,8 +121,7 @@ def _update_config(out_dir: str, edit=None, replace: dict | None = None) -> None
         config["quantization_config"] = replace
     if edit is not None:
         edit(config["quantization_config"])
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_json(path, config, indent=2, sort_keys=True)  # atomic: never a 0-byte or half-edited config.json
 
 
 def load_bitmask_state_dict(folder: str) -> dict[str, Any]:

@@ -137,13 +137,40 @@ class RecipeRuntime:
 
     # finalize -------------------------------------------------------------------------------------------------
     def finalize(self, model: Any, output_dir: str) -> None:
-        for t in self.techniques:
-            t.finalize(model, output_dir)
-        if self.recipe.export is not None:
-            from .export import export_safetensors
+        """The techniques' ``finalize``, then the export. The trained model and the compressed export are two
+        outputs: compress techniques run last, beside the trained model (:func:`~hf_memkit.quant.pipeline.
+        compress_aside`), so that afterwards ``model`` holds the trained weights (what ``trainer.save_model()``
+        writes to ``output_dir``) and the compressed model is in ``output_dir/<export.dir>``. A post-training
+        compress recipe without ``export:`` gets the default one (safetensors in ``export/``): its result would
+        be lost otherwise."""
+        from ..quant.pipeline import compress_aside
+        from .export import export_safetensors, export_target
 
-            export_safetensors(model, os.path.join(output_dir, self.recipe.export.dir),
-                               merge_adapters=self.recipe.export.merge_adapters)
+        compressors = [t for t in self.techniques if t.slot == "compress"]
+        plan = getattr(compressors[0], "plan", None) if compressors else None
+        export = self.recipe.export
+        if export is None and plan is not None and plan.stage == "after":
+            from ..recipe import ExportConfig
+
+            export = ExportConfig()
+        # before any work: export.dir must resolve inside output_dir and not be a folder hf_memkit did not write
+        target = export_target(output_dir, export.dir) if export is not None else None
+        for t in self.techniques:  # the trained model's own last steps (AST's 2:4 projection, merges) come first
+            if t.slot != "compress":
+                t.finalize(model, output_dir)
+        with compress_aside(model, plan) as work:
+            for t in compressors:
+                t.finalize(work, output_dir)
+            if target is not None:
+                export_safetensors(work, target, merge_adapters=export.merge_adapters)
+        if compressors:
+            logger.info(
+                "hf_memkit: compress (%s): the compressed model is in %s; %s (trainer.save_model() writes it to %s)",
+                ", ".join(t.name for t in compressors), target or "(no export: add an `export:` section)",
+                "the trainer's model keeps its trained weights" if plan is None or plan.stage == "after"
+                else "the trained model is the quantized one (e2e_qp)", output_dir)
+        elif target is not None:
+            logger.info("hf_memkit: export in %s", target)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -295,14 +295,16 @@ class SparseTrainingTechnique(OptimizerTechnique):
         logger.info("hf_memkit: %s: %d layers projected to exact 2:4 (%d mask flips during training)", self.name,
                     len(self.layers), self.flips)
         if any(getattr(lin, "memkit_lorc", None) for lin in self.layers.values()):
+            from ..atomic import atomic_dir
             from ..integrations.lorc_adapter import write_lorc_adapter
 
-            write_lorc_adapter(model, os.path.join(output_dir, SLORB_DIR))
+            with atomic_dir(os.path.join(output_dir, SLORB_DIR)) as tmp:  # replaced whole, never half written
+                write_lorc_adapter(model, str(tmp))
         export = getattr(self.recipe, "export", None)
         if export is not None and export.format == "compressed-tensors":
-            from ..integrations.export import export_sparse
+            from ..integrations.export import export_sparse, export_target
 
-            export_sparse(model, os.path.join(output_dir, export.dir), recipe=self.recipe, tokenizer=self.tokenizer)
+            export_sparse(model, export_target(output_dir, export.dir), recipe=self.recipe, tokenizer=self.tokenizer)
 
     def final_mask_and_weight(self, name: str, lin: Any):
         raise NotImplementedError

@@ -13,7 +13,6 @@ Trainer run itself is E2E-QP. Each technique instance reads the whole list in ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -332,16 +331,17 @@ class CompressTechnique(Technique):
         if self.name != plan.last:
             return
         report = getattr(model, "_memkit_compress_report", None) or self.report
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, REPORT_FILE), "w", encoding="utf-8") as f:
-            json.dump({"techniques": plan.names, "stage": plan.stage,
-                       "pass": report.to_dict() if report is not None else None}, f, indent=1)
+        from ..atomic import write_json
+
+        write_json(os.path.join(output_dir, REPORT_FILE), {"techniques": plan.names, "stage": plan.stage,
+                                                          "pass": report.to_dict() if report is not None else None})
         export = plan.export
         if export is not None and export.format == "compressed-tensors":
-            # RecipeRuntime.finalize only knows export_safetensors; this goes once it calls export_model
-            from ..integrations.export import export_model
+            # RecipeRuntime.finalize only knows export_safetensors; this goes once it calls export_model. The
+            # runtime hands a model whose trained weights come back afterwards (quant.pipeline.compress_aside).
+            from ..integrations.export import export_model, export_target
 
-            export_model(model, os.path.join(output_dir, export.dir), export, recipe=plan.recipe,
+            export_model(model, export_target(output_dir, export.dir), export, recipe=plan.recipe,
                          tokenizer=self.run.tokenizer or _tokenizer_for(model))
 
 

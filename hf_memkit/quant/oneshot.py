@@ -16,7 +16,9 @@ import tempfile
 import time
 from typing import Any
 
+from ..atomic import pause_point
 from ..errors import RecipeError
+from ..integrations.export import OutputDirError
 from .base import REPORT_FILE, Plan
 
 E2E_DEFAULTS = {"max_steps": 50, "per_device_train_batch_size": 4, "lr_scheduler_type": "cosine",
@@ -44,20 +46,24 @@ def check_recipe(recipe: Any) -> Plan:
     return plan
 
 
-def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True, log=print) -> dict[str, Any]:
-    from ..recipe import ExportConfig, load_recipe
+def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True, overwrite: bool = False,
+             log=print) -> dict[str, Any]:
+    """Compress ``model`` and write the export into ``output_dir``, staged and renamed into place at the end (an
+    interrupted run leaves the previous folder or nothing). A non-empty ``output_dir`` is refused before any
+    model loads unless ``overwrite``, which replaces it whole (never merges)."""
+    from ..recipe import load_recipe
 
     recipe = load_recipe(recipe)
     plan = check_recipe(recipe)  # a bad recipe stops here, before any model loads
     from ..data.models import resolve_model_path
+    from ..integrations.export import check_output_dir
 
     path = resolve_model_path(model)
+    _check_not_source(path, output_dir, overwrite)
+    check_output_dir(output_dir, overwrite=overwrite, replace_own=False)
 
     from ..data.models import load_model_and_tokenizer
-    from ..integrations.export import export_model
     from ..technique import ValidationContext
-    from .evaluate import corpus_perplexity
-    from .pipeline import quantize_model_
 
     net, tok = load_model_and_tokenizer(str(path))
     techniques = recipe.build()
@@ -65,7 +71,34 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
     for t in techniques:  # model checks (no Linear, group size vs widths) before any work
         t.validate(ctx)
     log(f"hf_memkit: compressing {model} ({path}) with {', '.join(plan.names)}")
+    pause_point("compress:loaded")
     t0 = time.perf_counter()
+    net, report, ppl_fp, ppl_q = _run_passes(net, tok, recipe, plan, evaluate, log)
+    seconds = time.perf_counter() - t0
+    export = _write_output(net, tok, recipe, plan, output_dir, report, ppl_fp, ppl_q, overwrite)
+    from ..integrations.hub import folder_bytes
+
+    log(f"hf_memkit: export in {output_dir} (manifest {output_dir}/memkit_export.json)")
+    return {"model": model, "recipe": recipe.source, "techniques": plan.names, "format": export.format,
+            "output_dir": output_dir, "seconds": round(seconds, 1), "perplexity_before": ppl_fp,
+            "perplexity_after": ppl_q, "bytes_on_disk": folder_bytes(output_dir)}
+
+
+def _check_not_source(path: Any, output_dir: str, overwrite: bool) -> None:
+    """``--overwrite`` replaces the output folder whole: refuse it when that folder is (or holds) the model being
+    compressed."""
+    src, out = os.path.realpath(str(path)), os.path.realpath(output_dir)
+    if src == out or src.startswith(out + os.sep):
+        raise OutputDirError(
+            f"the output folder {output_dir} {'is' if src == out else 'contains'} the model being compressed "
+            f"({path}); replacing it{' (--overwrite)' if overwrite else ''} would delete the input. Choose another "
+            "output folder")
+
+
+def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log) -> tuple:
+    from .evaluate import corpus_perplexity
+    from .pipeline import quantize_model_
+
     ppl_fp = corpus_perplexity(net, tok) if evaluate else None
     if ppl_fp is not None:
         log(f"hf_memkit: eval perplexity before: {ppl_fp:.3f}")
@@ -90,10 +123,20 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
             report.update(quantize_model_(net, qname, qcfg, lorc=plan.lorc, calibration=calib).to_dict())
     else:
         net, report = _train_e2e(net, tok, recipe, plan, log)
-    seconds = time.perf_counter() - t0
     ppl_q = corpus_perplexity(net, tok) if evaluate else None
     if ppl_q is not None:
         log(f"hf_memkit: eval perplexity after: {ppl_q:.3f}")
+    return net, report, ppl_fp, ppl_q
+
+
+def _write_output(net: Any, tok: Any, recipe: Any, plan: Plan, output_dir: str, report: dict, ppl_fp: Any,
+                  ppl_q: Any, overwrite: bool) -> Any:
+    """The export, its tokenizer and the compression report, staged together and renamed into place at once
+    (so weights, config.json, model card and manifest always describe the same pass)."""
+    from ..atomic import write_json
+    from ..integrations.export import staged_export, write_export
+    from ..recipe import ExportConfig
+
     export = recipe.export if recipe.export is not None else ExportConfig(format="compressed-tensors")
     metrics = {"perplexity_full_precision": ppl_fp, "perplexity": ppl_q}
     if ppl_q is not None:
@@ -102,17 +145,13 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
         metrics["perplexity_note"] = (f"Perplexity: {EVAL_BLOCKS} blocks of {EVAL_SEQ_LEN} tokens of the eval split "
                                       "of hf_memkit's embedded corpus (Python reference text)"
                                       + (", with the LoRC adapter." if plan.lorc is not None else "."))
-    export_model(net, output_dir, export, recipe=recipe, tokenizer=tok, metrics=metrics)
-    if export.format == "safetensors":
-        tok.save_pretrained(output_dir)
-    with open(os.path.join(output_dir, REPORT_FILE), "w", encoding="utf-8") as f:
-        json.dump({"techniques": plan.names, "pass": report}, f, indent=1)
-    from ..integrations.hub import folder_bytes
-
-    summary = {"model": model, "recipe": recipe.source, "techniques": plan.names, "format": export.format,
-               "output_dir": output_dir, "seconds": round(seconds, 1), "perplexity_before": ppl_fp,
-               "perplexity_after": ppl_q, "bytes_on_disk": folder_bytes(output_dir)}
-    return summary
+    with staged_export(output_dir, overwrite=overwrite, replace_own=False) as tmp:
+        kw = {"recipe": recipe, "tokenizer": tok, "metrics": metrics, "layout": export.sparse_layout}
+        write_export(net, tmp, export, **({} if export.format == "safetensors" else kw))
+        if export.format == "safetensors":
+            tok.save_pretrained(tmp)
+        write_json(os.path.join(tmp, REPORT_FILE), {"techniques": plan.names, "pass": report})
+    return export
 
 
 def _train_e2e(net: Any, tok: Any, recipe: Any, plan: Plan, log) -> tuple[Any, dict]:

@@ -7,10 +7,11 @@ each of their widths, none is quantized already, and calibration data is there w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import IncompatibleModelError
 from .linear import is_quantized, require_targets, set_lorc_, set_quantized_
@@ -185,3 +186,91 @@ def _gptq_pass_(model: Any, targets: dict[str, Any], config: Any, calibration: "
         logger.warning("hf_memkit: %s: %s sit outside the decoder blocks; quantized with RTN (no Hessian)", key,
                        ", ".join(rest))
         _rtn_pass_(rest, config, report, on_layer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# post-training compression beside the trained model
+
+#: per-module attributes and buffers a compress pass sets (quantization, LoRC, 2:4 marks)
+_MODULE_ATTRS = ("memkit_quant_spec", "memkit_lorc", "memkit_sparsity", "memkit_sparsity_mask")
+_MODULE_BUFFERS = ("weight_codes", "weight_scale", "weight_zero_point", "lorc_A", "lorc_B")
+_MODEL_ATTRS = ("_memkit_compress_report", "_memkit_exported", "_memkit_structured")
+
+
+@contextlib.contextmanager
+def compress_aside(model: Any, plan: Any) -> Iterator[Any]:
+    """Yield the model a post-training compress pass (``plan``, a :class:`~hf_memkit.quant.base.Plan`) may change
+    and export; when the block exits, even on an error, ``model`` holds its trained weights again. The trained
+    model and the compressed export are two outputs: ``trainer.save_model()`` after ``train()`` must write the
+    former.
+
+    Memory: the passes run in place on the live model as before (same device memory), and the trained
+    parameters wait in host memory meanwhile (one CPU copy of the weights) and are copied back afterwards,
+    together with the per-module quantization/LoRC/2:4 state as it was. A deep copy on the device would add the
+    whole model to the peak at the end of training. Structural pruning (comp, l1_structured) rebuilds modules and
+    edits the config, which copying values back cannot undo, so it runs on a deep copy (+1x the weights on the
+    model's device while it runs). Stage ``before`` (e2e_qp) yields the model itself: there the trained model *is*
+    the quantized one."""
+    if plan is None or plan.stage != "after":
+        yield model
+        return
+    from .base import SEMI_STRUCTURED
+
+    if any(name not in SEMI_STRUCTURED for name, _cfg in plan.pruners):
+        import copy
+
+        yield copy.deepcopy(model)
+        return
+    saved = _snapshot(model)
+    try:
+        yield model
+    finally:
+        _restore(model, saved)
+
+
+def _module_state(m: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    return ({a: getattr(m, a) for a in _MODULE_ATTRS if hasattr(m, a)},
+            {b: m._buffers[b] for b in _MODULE_BUFFERS if m._buffers.get(b) is not None})
+
+
+def _snapshot(model: Any) -> dict[str, Any]:
+    return {"params": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()},
+            "modules": {n: _module_state(m) for n, m in model.named_modules()},
+            "model": {a: getattr(model, a) for a in _MODEL_ATTRS if hasattr(model, a)}}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
+def _restore(model: Any, saved: dict[str, Any]) -> None:
+    import torch
+
+    from .linear import LORC_ATTR, clear_quantized_, set_lorc_
+
+    for name, m in model.named_modules():
+        attrs, bufs = saved["modules"].get(name, ({}, {}))
+        now_attrs, now_bufs = _module_state(m)
+        if _same(attrs, now_attrs) and _same(bufs, now_bufs):
+            continue
+        clear_quantized_(m)  # drops the codes, the spec and any LoRC branch with its forward hook
+        for a in _MODULE_ATTRS:
+            if hasattr(m, a):
+                delattr(m, a)
+        for b, t in bufs.items():
+            if not b.startswith("lorc_"):
+                m.register_buffer(b, t, persistent=False)
+        for a, v in attrs.items():
+            if a != LORC_ATTR:
+                setattr(m, a, v)
+        if LORC_ATTR in attrs:  # a branch that was there before (e.g. SLoRB) comes back with its hook
+            set_lorc_(m, bufs["lorc_A"], bufs["lorc_B"], attrs[LORC_ATTR])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in saved["params"]:
+                p.copy_(saved["params"][n].to(p.device, p.dtype))
+    for a in _MODEL_ATTRS:
+        if a in saved["model"]:
+            setattr(model, a, saved["model"][a])
+        elif hasattr(model, a):
+            delattr(model, a)

@@ -113,20 +113,36 @@ def test_two_quantizers_and_an_adapter_are_recipe_errors():
 # in a run
 
 
-def test_post_training_pass_quantizes_in_finalize_and_keeps_the_structure(tiny_model, tiny_dataset, tmp_path):
-    """The weights move (training, then rounding); module types, state-dict keys and flags stay."""
+def test_post_training_pass_exports_beside_the_trained_model_and_keeps_it(tiny_model, tiny_dataset, tmp_path):
+    """The pass runs in finalize on the trained weights and lands in export/ (quantized, LoRC folded in: the
+    default safetensors export); the model keeps its trained weights, module types, state-dict keys and flags."""
+    from transformers import TrainerCallback
+
     types = {n: type(m) for n, m in tiny_model.named_modules()}
     keys = list(tiny_model.state_dict())
     flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
     recipe = {"compress": [{"gptq": {"num_samples": 16, "group_size": 32}}, {"lorc": {"rank": 2}}]}
     trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
                             recipe=recipe)
+    trained = {}
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    trainer.add_callback(Keep())
     trainer.train()
-    layers = quantized_modules(tiny_model)
-    assert len(layers) == 14 and all(torch.equal(m.weight, qw.dequantize()) for _n, m, qw in layers)
+    assert not quantized_modules(tiny_model)
+    assert trained and all(torch.equal(v, trained[k]) for k, v in tiny_model.state_dict().items())
     report = json.loads((tmp_path / "compression_report.json").read_text())
     assert report["techniques"] == ["gptq", "lorc"] and report["stage"] == "after"
     assert report["pass"]["calibration"] == "16 sequences x 32 tokens from the training data"
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    moved = [k for k in exported if k.endswith("proj.weight") and not torch.equal(exported[k], trained[k])]
+    assert len(moved) == 14  # the 14 decoder projections hold their quantized (+LoRC) values
+    assert (tmp_path / "export" / "memkit_export.json").is_file()
     assert trainer.memkit.unpatch() is tiny_model
     assert {n: type(m) for n, m in tiny_model.named_modules()} == types
     assert list(tiny_model.state_dict()) == keys
