@@ -275,7 +275,8 @@ def test_a_run_refuses_an_export_folder_it_did_not_write(tiny_model, tiny_datase
     with pytest.raises(OutputDirError, match="was not written by hf_memkit") as info:
         trainer.train()
     assert isinstance(info.value, MemkitError)
-    assert _files(tmp_path / "export") == ["README.md"] and (tmp_path / "export" / "README.md").read_text() == "not yours"
+    assert _files(tmp_path / "export") == ["README.md"]
+    assert (tmp_path / "export" / "README.md").read_text() == "not yours"
 
 
 def test_training_with_compress_keeps_the_trained_model_and_exports_the_compressed_one(tiny_model, tiny_dataset,
@@ -310,3 +311,46 @@ def test_training_with_compress_keeps_the_trained_model_and_exports_the_compress
     assert "model-00002-of-00002.safetensors" not in os.listdir(export)
     log = caplog.text
     assert f"the compressed model is in {export.resolve()}" in log and "keeps its trained weights" in log
+
+
+def test_structured_pruning_after_training_works_on_a_copy(tiny_model, tiny_dataset, tmp_path):
+    """l1_structured rebuilds modules and edits the config: the export is the smaller model, the trainer's model
+    keeps its shape and its trained weights."""
+    from transformers import TrainerCallback
+
+    sizes = (tiny_model.config.num_hidden_layers, tiny_model.config.intermediate_size)
+    trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
+                            recipe={"compress": [{"l1_structured": {"ratio": 0.3, "round_to": 8}}],
+                                    "export": {"format": "compressed-tensors"}})
+    trained = {}
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    trainer.add_callback(Keep())
+    trainer.train()
+    assert (tiny_model.config.num_hidden_layers, tiny_model.config.intermediate_size) == sizes
+    assert all(torch.equal(v, trained[k]) for k, v in tiny_model.state_dict().items())
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["intermediate_size"] < sizes[1]
+    assert_complete_export(tmp_path / "export")
+
+
+def test_a_failing_compress_pass_still_restores_the_trained_model(tiny_model):
+    from hf_memkit.quant.base import Plan
+    from hf_memkit.quant.linear import quantized_modules
+    from hf_memkit.quant.pipeline import compress_aside, quantize_model_
+    from hf_memkit.recipe import load_recipe
+
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    plan = Plan.from_recipe(load_recipe({"compress": [{"rtn": {"group_size": 32}}, {"lorc": {"rank": 2}}]}))
+    with pytest.raises(RuntimeError, match="export failed"):
+        with compress_aside(tiny_model, plan) as work:
+            assert work is tiny_model  # in place, the trained values wait on the CPU
+            quantize_model_(work, "rtn", plan.quantizer[1], lorc=plan.lorc)
+            assert quantized_modules(tiny_model)
+            raise RuntimeError("export failed")
+    assert not quantized_modules(tiny_model)
+    assert not any(hasattr(m, "_memkit_lorc_hook") for m in tiny_model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
