@@ -117,7 +117,7 @@ def recipe_installed(recipe: Recipe, keep_args: set[str] = frozenset()) -> Itera
 
 def run_script(script: str, script_args: list[str]) -> int:
     """Run ``script`` as ``__main__`` with ``script_args`` and the recipe given by ``--memkit_recipe``."""
-    from ..errors import RecipeError
+    from ..errors import MemkitError, RecipeError
     from ..recipe import load_recipe
 
     try:
@@ -147,10 +147,22 @@ def run_script(script: str, script_args: list[str]) -> int:
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except MemkitError as exc:
+        # our own errors already name the problem and the fix: a traceback through runpy and the Trainer adds
+        # nothing for the user (the script's own errors keep theirs)
+        print(stopped_message(script, exc), file=sys.stderr)
+        return 1
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
         _close_process_group()
     return 0
+
+
+def stopped_message(script: str, exc: BaseException) -> str:
+    """One paragraph for an hf_memkit error raised while the script ran: what stopped, the error's own text
+    (problem and fix), and that nothing after it ran."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"memkit run: {os.path.basename(script)} stopped: {type(exc).__name__}: {text}"
 
 
 def _close_process_group() -> None:

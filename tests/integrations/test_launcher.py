@@ -240,6 +240,41 @@ def test_missing_script_is_reported(work, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_stops_the_stock_script_with_a_message_not_a_traceback(stock_run, work, model_dir):
+    _, out = stock_run
+    resumed = work / "out_corrupt"
+    ckpt = resumed / "checkpoint-2"
+    shutil.copytree(out / "checkpoint-2", ckpt)
+    state = ckpt / "memkit_state" / "state.json"
+    meta = json.loads(state.read_text())
+    meta["techniques"]["lora"] = "broken"
+    state.write_text(json.dumps(meta))
+    proc = run([*memkit_exe(), "run", str(STOCK), "--memkit_recipe", str(work / "recipe.yaml"),
+                *script_args(model_dir, work / "train.txt", resumed, "--resume_from_checkpoint", str(ckpt))],
+               cwd=work)
+    assert proc.returncode == 1, explain(proc)
+    assert "Traceback" not in proc.stderr + proc.stdout, explain(proc)
+    message = [line for line in proc.stderr.splitlines() if line.startswith("memkit run:")]
+    assert len(message) == 1, explain(proc)
+    assert "run_clm_stock.py stopped: CheckpointError:" in message[0]
+    assert "techniques.lora = 'broken' is not a mapping" in message[0] and "resume from another" in message[0]
+
+
+@pytest.mark.parametrize("error", ["RecipeError('the model has no such layer', key='schedule.lisa', fix='pick one')",
+                                   "CheckpointError('checkpoint-3 is corrupt; resume from checkpoint-2')"])
+def test_memkit_errors_raised_by_the_script_are_one_paragraph(work, tmp_path, capsys, error):
+    script = tmp_path / "fails.py"
+    script.write_text(f"from hf_memkit.errors import CheckpointError, RecipeError\nraise {error}\n")
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("memkit: 1\n")
+    assert launcher.run_script(str(script), ["--memkit_recipe", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("memkit run:")]
+    assert len(lines) == 1 and "fails.py stopped:" in lines[0] and "Traceback" not in err
+    assert ("fix: pick one" in lines[0]) if "Recipe" in error else ("resume from checkpoint-2" in lines[0])
+
+
 def test_multi_process_launch_validates_before_spawning(work, monkeypatch, capsys):
     from hf_memkit.run import main
 
