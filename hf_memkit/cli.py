@@ -47,9 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", default="default", help="recipe YAML file or bundled name (default: default)")
     t.add_argument("--max-steps", type=_positive, default=None, help="optimizer steps (default depends on the model)")
     t.add_argument("--max-seq-len", type=_positive, default=None, help="tokens per training block")
-    t.add_argument("--output-dir", default="runs/memkit-train", help="where checkpoints and reports go")
+    t.add_argument("--output-dir", default=None,
+                   help="where checkpoints and reports go (default: the recipe's, else runs/memkit-train)")
     t.add_argument("--no-eval-before", dest="eval_before", action="store_false",
                    help="skip the perplexity evaluation before training")
+    t.add_argument("--no-divergence-guard", dest="divergence_guard", action="store_false",
+                   help="do not add the divergence guard (NaN/Inf or spiking loss, vanished gradients stop the run)")
+    t.add_argument("--overwrite-output-dir", dest="overwrite", action="store_true",
+                   help="start over in an output directory that holds an earlier run's checkpoints (deletes them)")
 
     r = sub.add_parser("run", help="run an unmodified HF training script with --memkit_recipe applied",
                        add_help=False)
@@ -140,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemkitError as exc:
         print(f"memkit: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except KeyboardInterrupt:
+        print("memkit: interrupted", file=sys.stderr)
+        return 130
     parser.print_help()
     return EXIT_USAGE
 
@@ -147,8 +155,14 @@ def main(argv: list[str] | None = None) -> int:
 def _train(ns: argparse.Namespace, extra: list[str]) -> int:
     from .train import TrainOptions, train
 
-    train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps, max_seq_len=ns.max_seq_len,
-                       output_dir=ns.output_dir, extra=extra, eval_before=ns.eval_before))
+    summary = train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps,
+                                 max_seq_len=ns.max_seq_len, output_dir=ns.output_dir, extra=extra,
+                                 eval_before=ns.eval_before, divergence_guard=ns.divergence_guard,
+                                 overwrite=ns.overwrite))
+    if summary.get("verdict") in ("collapsed", "diverged"):
+        print(f"memkit: the trained model {summary['verdict']} (eval perplexity {summary['perplexity_after']})\n"
+              "  fix: lower the learning rate or add warmup; see train_summary.json", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 

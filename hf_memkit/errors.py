@@ -94,5 +94,10 @@ class CheckpointError(MemkitError, ValueError):
     """A checkpoint's memkit state is missing, corrupt or from a different recipe."""
 
 
+class DivergenceError(MemkitError, RuntimeError):
+    """Training diverged (non-finite or spiking loss, non-finite or vanished gradients); the message names the
+    step, the rule that fired, the likely cause and the fix."""
+
+
 class ModelSourceError(MemkitError, ValueError):
     """A model could not be found locally (hf_memkit never downloads at run time)."""

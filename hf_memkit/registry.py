@@ -31,6 +31,7 @@ SLOTS: dict[str, bool] = {
     "activations": True,
     "compress": True,
     "distributed": False,
+    "guard": True,
 }
 
 #: modules whose import registers the built-in techniques (kept cheap: no torch at module level)
@@ -63,6 +64,7 @@ _BUILTIN_MODULES = (
     "hf_memkit.distributed.deepspeed.technique",
     "hf_memkit.distributed.fsdp.technique",
     "hf_memkit.distributed.co2.technique",
+    "hf_memkit.guards.divergence.technique",
 )
 
 

@@ -142,6 +142,9 @@ class Technique:
     def loss(self, model: Any, inputs: dict, num_items_in_batch: Any = None, return_outputs: bool = False):
         raise NotImplementedError(f"technique {self.name!r} sits in slot {self.slot!r} and computes no loss")
 
+    def observe_loss(self, loss: "torch.Tensor", step: int) -> None:
+        """Sees every micro-batch's training loss (``step``: optimizer steps done so far); guards raise here."""
+
     def extra_loss(self, model: Any, inputs: dict, outputs: Any) -> "torch.Tensor | None":
         """A term added to the training loss (router balance, distillation). ``None`` adds nothing."""
         return None

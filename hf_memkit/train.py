@@ -7,7 +7,6 @@ on the command line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -30,33 +29,123 @@ COMMON_ARGS = {"logging_steps": 10, "save_strategy": "no", "report_to": [], "war
                "dataloader_pin_memory": False}
 
 
+DEFAULT_OUTPUT_DIR = "runs/memkit-train"
+
+
 @dataclasses.dataclass
 class TrainOptions:
     model: str = "smollm2"
     recipe: str = "default"
     max_steps: int | None = None
     max_seq_len: int | None = None
-    output_dir: str = "runs/memkit-train"
+    output_dir: str | None = None  # None: the recipe's training_args.output_dir, else DEFAULT_OUTPUT_DIR
     eval_before: bool = True
     extra: list[str] = dataclasses.field(default_factory=list)  # TrainingArguments flags
+    divergence_guard: bool = True  # add guard: [{divergence_guard: {}}] unless the recipe has a guard
+    overwrite: bool = False  # start over in an output folder that holds an earlier run's checkpoints
+
+
+def _parse_flags(extra: list[str], output_dir: str) -> Any:
+    """TrainingArguments from the command-line flags; an unknown or malformed flag is a MemkitError that says
+    which and what the flags are (argparse's own exit is caught, its one-line reason kept)."""
+    import contextlib
+    import difflib
+    import io
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args, rest = parser.parse_args_into_dataclasses(args=[*extra, "--output_dir", output_dir],
+                                                            return_remaining_strings=True)
+    except SystemExit:
+        reason = next((ln for ln in reversed(err.getvalue().splitlines()) if ln.strip()), "invalid flags")
+        raise MemkitError(f"invalid TrainingArguments flag: {reason.split('error: ', 1)[-1]}\n"
+                          "  fix: see `memkit train --help` and `python -c 'import transformers; "
+                          "help(transformers.TrainingArguments)'`") from None
+    flags = [a for a in rest if a.startswith("-")]
+    if flags or rest:
+        bad = (flags or rest)[0]
+        known = [f"--{f.name}" for f in dataclasses.fields(TrainingArguments)]
+        close = difflib.get_close_matches(bad.split("=", 1)[0].replace("-", "_").replace("__", "--", 1), known, 1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise MemkitError(f"unknown argument {bad!r}: neither a memkit train option nor a TrainingArguments field\n"
+                          f"  fix: {hint}see `memkit train --help`")
+    return args
 
 
 def build_training_args(opts: TrainOptions, recipe: Any, defaults: dict[str, Any]):
-    from transformers import HfArgumentParser, TrainingArguments
-
+    """Precedence: memkit's defaults < the recipe's training_args < the command line (memkit's own
+    ``--max-steps``/``--output-dir`` and every TrainingArguments flag)."""
+    from .errors import RecipeError
     from .integrations.launcher import explicit_flags
     from .integrations.trainer import apply_training_args
+    from .recipe import check_training_arg_ranges
 
-    parser = HfArgumentParser(TrainingArguments)
+    output_dir = opts.output_dir or recipe.training_args.get("output_dir") or DEFAULT_OUTPUT_DIR
+    args = _parse_flags(opts.extra, output_dir)
+    explicit = explicit_flags(opts.extra) | ({"output_dir"} if opts.output_dir else set())
+    if opts.max_steps:
+        explicit.add("max_steps")
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=[*opts.extra, "--output_dir", opts.output_dir])
-    except SystemExit as exc:  # argparse already printed what is wrong
-        raise MemkitError(f"invalid TrainingArguments flags: {' '.join(opts.extra)}") from exc
-    explicit = explicit_flags(opts.extra)
+        check_training_arg_ranges({k: getattr(args, k) for k in explicit_flags(opts.extra) if hasattr(args, k)},
+                                  "command line", prefix="")
+    except RecipeError as exc:
+        raise MemkitError(f"--{exc.key}: {exc.problem}\n  fix: {exc.fix}") from None
     base = {**COMMON_ARGS, **defaults["args"], "max_steps": opts.max_steps or defaults["max_steps"]}
-    base = {k: v for k, v in base.items() if k not in explicit and k not in recipe.training_args}
+    base = {k: v for k, v in base.items() if k not in explicit_flags(opts.extra) and k not in recipe.training_args}
+    if opts.max_steps:
+        base["max_steps"] = opts.max_steps
     args = dataclasses.replace(args, **base)
     return apply_training_args(args, recipe.training_args, keep=explicit, source=recipe.source), explicit
+
+
+def check_output_dir(output_dir: str, resume: Any, overwrite: bool) -> None:
+    """Before any model loads: the output folder must be a writable folder (or creatable), and an earlier run's
+    checkpoints there are either resumed or explicitly started over."""
+    from pathlib import Path
+
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise MemkitError(f"the output directory {output_dir} is a file\n  fix: pass --output-dir with a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise MemkitError(f"the output directory {output_dir} is not writable ({probe} refuses writes)\n"
+                          "  fix: pass --output-dir with a folder you can write to")
+    earlier = sorted(p.name for p in path.glob("checkpoint-*")) if path.is_dir() else []
+    if earlier and not resume and not overwrite:
+        raise MemkitError(f"{output_dir} holds checkpoints of an earlier run ({', '.join(earlier[-3:])}); this run "
+                          "would mix its checkpoints with them\n  fix: --resume_from_checkpoint true to continue "
+                          "it, --overwrite-output-dir to start over there, or another --output-dir")
+    if earlier and overwrite and not resume:
+        import shutil
+
+        for name in earlier:
+            shutil.rmtree(path / name)
+
+
+def resolve_resume(value: Any, output_dir: str) -> "str | bool | None":
+    """``--resume_from_checkpoint``: a checkpoint folder, or true/last for the newest complete one in the
+    output directory; checked before any model loads."""
+    if value in (None, "", False):
+        return None
+    text = str(value)
+    if text.lower() in ("true", "last", "latest", "1"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise MemkitError(f"--resume_from_checkpoint {text}: {output_dir} holds no checkpoint-* folder\n"
+                              "  fix: train without it, or pass the checkpoint folder itself")
+        return True
+    if not os.path.isdir(text) or not os.path.isfile(os.path.join(text, "trainer_state.json")):
+        raise MemkitError(f"--resume_from_checkpoint {text}: not a checkpoint folder (no trainer_state.json)\n"
+                          "  fix: pass a checkpoint-N folder written by a run with --save_strategy steps")
+    return text
 
 
 def perplexity(trainer: Any) -> float:
@@ -64,10 +153,34 @@ def perplexity(trainer: Any) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
+def verdict(before: float | None, after: float | None, vocab_size: int | None) -> str:
+    """What the eval perplexity says of the run: never call a collapse an improvement. A perplexity within 1% of
+    the vocabulary size is a uniform guess over the tokens (the loss sits at log V: the model ignores its input),
+    even when a random model started slightly above it; rising into 90% of V from below is a collapse too."""
+    if after is None or not math.isfinite(after):
+        return "diverged"
+    if vocab_size and (abs(after - vocab_size) <= 0.01 * vocab_size
+                       or (after >= 0.9 * vocab_size and before is not None and before < 0.9 * vocab_size)):
+        return "collapsed"
+    if before is None or not math.isfinite(before):
+        return "trained"
+    return "improved" if after < before else "not improved"
+
+
+def _with_guard(recipe: Any, enabled: bool) -> Any:
+    if not enabled or recipe.slot("guard"):
+        return recipe
+    from .guards.divergence.config import DivergenceGuardConfig
+    from .recipe import TechniqueSpec
+
+    return dataclasses.replace(recipe, techniques=[*recipe.techniques,
+                                                   TechniqueSpec("divergence_guard", "guard", DivergenceGuardConfig())])
+
+
 def train(opts: TrainOptions) -> dict[str, Any]:
     from .recipe import load_recipe
 
-    recipe = load_recipe(opts.recipe)  # a bad recipe stops here, before any model loads
+    recipe = _with_guard(load_recipe(opts.recipe), opts.divergence_guard)  # a bad recipe stops here
     kind = opts.model if opts.model in ("tiny", "smollm2") else "path"
     defaults = MODEL_DEFAULTS[kind]
     seq_len = opts.max_seq_len or defaults["max_seq_len"]
@@ -75,21 +188,26 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     from .data.models import resolve_model_path
 
     path = resolve_model_path(opts.model)  # clear error for a hub id or missing package, before heavy work
+    args, _ = build_training_args(opts, recipe, defaults)
+    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_output_dir(args.output_dir, resume, opts.overwrite)
 
     import torch
     from transformers import default_data_collator
 
     from .data.corpus import block_dataset, split_topics
     from .data.models import load_model_and_tokenizer
+    from .errors import DivergenceError
     from .integrations.memkit_trainer import MemkitTrainer
     from .memory.estimate import estimate_memory
     from .memory.profiler import MemoryReportCallback, peak_rss_bytes
 
-    args, _ = build_training_args(opts, recipe, defaults)
     torch.manual_seed(args.seed)
     print(f"hf_memkit: model {opts.model} ({path}), recipe {recipe.source} "
           f"[{', '.join(recipe.names()) or 'stock Trainer'}], {args.max_steps} steps x "
-          f"{args.per_device_train_batch_size} x {seq_len} tokens", flush=True)
+          f"{args.per_device_train_batch_size} x {seq_len} tokens"
+          + (f", resuming from {resume if resume is not True else 'the last checkpoint'}" if resume else ""),
+          flush=True)
     model, tok = load_model_and_tokenizer(str(path))
     train_texts, eval_texts = split_topics()
     tokens_needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -103,36 +221,47 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     ppl_before = perplexity(trainer) if opts.eval_before else None
     if ppl_before is not None:
         print(f"hf_memkit: eval perplexity before training: {ppl_before:.3f}", flush=True)
+    base = {"model": opts.model, "recipe": recipe.source, "techniques": recipe.names(), "seq_len": seq_len,
+            "perplexity_before": round(ppl_before, 4) if ppl_before is not None else None}
     t0 = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except DivergenceError as exc:
+        _write_reports(args.output_dir, {**base, "status": "diverged", "verdict": "diverged", "error": str(exc),
+                                         "steps": trainer.state.global_step, "peak_rss_bytes": peak_rss_bytes()},
+                       {"estimate": estimate.to_dict(), "measured": profiler.report()})
+        raise
     seconds = time.perf_counter() - t0
     ppl_after = perplexity(trainer)
     steps = result.global_step
     tokens = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * seq_len
     trainer.save_model(args.output_dir)
     summary = {
-        "model": opts.model, "recipe": recipe.source, "techniques": recipe.names(), "steps": steps,
-        "seq_len": seq_len, "train_tokens": tokens, "train_seconds": round(seconds, 2),
+        **base, "status": "finished", "steps": steps, "train_tokens": tokens, "train_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eval_tokens": len(eval_ds) * seq_len,
-        "perplexity_before": round(ppl_before, 4) if ppl_before is not None else None,
         "perplexity_after": round(ppl_after, 4),
+        "verdict": verdict(ppl_before, ppl_after, getattr(model.config, "vocab_size", None)),
         "mean_train_loss": round(result.training_loss, 4),
         "last_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "peak_rss_bytes": peak_rss_bytes(),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
     report = {"estimate": estimate.to_dict(), "measured": profiler.report()}
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "memory_report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.output_dir, "train_summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    _write_reports(args.output_dir, summary, report)
     from .memory.report import plot_report
 
     plot_report(report, os.path.join(args.output_dir, "memory_report.png"))
     print_summary(summary, report)
     return summary
+
+
+def _write_reports(output_dir: str, summary: dict[str, Any], report: dict[str, Any]) -> None:
+    """Strict JSON (an infinite perplexity is written as null), each file complete or absent."""
+    from .atomic import write_json
+
+    write_json(os.path.join(output_dir, "memory_report.json"), report)
+    write_json(os.path.join(output_dir, "train_summary.json"), summary)
 
 
 def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
@@ -141,6 +270,9 @@ def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
     before = summary["perplexity_before"]
     ppl = f"{before:.3f} -> {summary['perplexity_after']:.3f}" if before is not None else (
         f"{summary['perplexity_after']:.3f}")
+    ppl += {"improved": " (improved)", "not improved": " (NOT improved)",
+            "collapsed": " (COLLAPSED: a near-uniform guess over the vocabulary, not an improvement)",
+            "diverged": " (DIVERGED: not finite)"}.get(summary.get("verdict", ""), "")
     rows = [
         ("perplexity (eval)", ppl),
         ("train time", f"{summary['train_seconds']:.1f} s for {summary['steps']} steps"),

@@ -111,7 +111,8 @@ def test_train_tiny_end_to_end(tmp_path):
     assert summary["steps"] == 6  # --max-steps and the TrainingArguments flag both took effect
     assert summary["train_tokens"] == 6 * 4 * 128
     assert summary["perplexity_after"] < summary["perplexity_before"]
-    assert summary["techniques"] == load_recipe("default").names() and "cce" in summary["techniques"]
+    assert summary["techniques"] == [*load_recipe("default").names(), "divergence_guard"]
+    assert "cce" in summary["techniques"] and summary["verdict"] == "improved"
     report = json.loads((out / "memory_report.json").read_text())
     assert set(report) == {"estimate", "measured"}
     assert report["measured"]["optimizer_states"] > 0 and report["measured"]["peak_rss_bytes"] > 0

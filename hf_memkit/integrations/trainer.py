@@ -28,7 +28,7 @@ STATE_DIR = "memkit_state"
 STATE_JSON = "state.json"
 STATE_TENSORS = "tensors.safetensors"
 #: patch order: adapters first (they decide what trains), optimizers never patch the model
-PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "distributed", "compress", "optimizer")
+PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "distributed", "compress", "optimizer", "guard")
 
 
 class RecipeRuntime:
@@ -39,6 +39,7 @@ class RecipeRuntime:
         self.techniques: list[Technique] = recipe.build()
         self.handles: list[PatchHandle] = []
         self.original_model: Any = None
+        self._restore_kernels: Any = None  # turns transformers' hub kernels back on after unpatch
 
     def of_slot(self, slot: str) -> Technique | None:
         return next((t for t in self.techniques if t.slot == slot), None)
@@ -77,6 +78,15 @@ class RecipeRuntime:
         if self.handles:
             raise RuntimeError("this recipe is already applied to a model; build a new runtime for another")
         self.original_model = model
+        from .versions import warn_unverified
+
+        warn_unverified(self.techniques)
+        patching = [t.name for t in self.techniques if type(t).patch_model is not Technique.patch_model]
+        if patching:
+            from .hub_kernels import disable_hub_kernels
+
+            self._restore_kernels = disable_hub_kernels(
+                model, f"{', '.join(patching)} patch module forwards, which kernelize would undo")
         for slot in PATCH_ORDER:
             for t in self.techniques:
                 if t.slot != slot:
@@ -95,6 +105,9 @@ class RecipeRuntime:
         model = self.original_model
         while self.handles:
             model = self.handles.pop().remove()
+        restore, self._restore_kernels = self._restore_kernels, None
+        if restore is not None:
+            restore()
         return model
 
     # loss -----------------------------------------------------------------------------------------------------
@@ -246,7 +259,12 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
                 enter = getattr(cb, "memkit_loss_context", None)
                 if enter is not None:
                     stack.enter_context(enter(model))
-            return runtime.compute_loss(originals["compute_loss"], model, inputs, return_outputs, num_items_in_batch)
+            result = runtime.compute_loss(originals["compute_loss"], model, inputs, return_outputs,
+                                          num_items_in_batch)
+        if model.training:  # evaluation losses are not the run's
+            for t in runtime.techniques:
+                t.observe_loss(result[0] if return_outputs else result, trainer.state.global_step)
+        return result
 
     def _save_checkpoint(model, trial):
         # staged, state added, renamed, then rotated: a checkpoint is complete or absent (see .checkpoints)

@@ -1,0 +1,1 @@
+"""``guard:`` techniques: watch a run and stop (or skip) what would waste it."""

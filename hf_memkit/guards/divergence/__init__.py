@@ -1,0 +1,1 @@
+"""Divergence guard: non-finite or spiking loss, non-finite or vanished gradients stop the run or skip the step."""
