@@ -43,7 +43,8 @@ def number_spelling(text: str) -> str | None:
 
 
 def _kinds(tp: Any) -> set[str]:
-    """What an annotation accepts at the top level: number, bool, str, none, seq, map, model or any."""
+    """What an annotation accepts at the top level: int and/or float (plus number for either), bool, str, none,
+    seq, map or any."""
     if tp is Any or tp is object:
         return {"any"}
     origin = typing.get_origin(tp)
@@ -56,7 +57,7 @@ def _kinds(tp: Any) -> set[str]:
     if tp is bool:
         return {"bool"}
     if tp in (int, float):
-        return {"number"}
+        return {"number", tp.__name__}
     if tp is str:
         return {"str"}
     if tp is type(None):
@@ -72,7 +73,7 @@ def _value_kind(v: Any) -> str:
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, (int, float)):
-        return "number"
+        return "number"  # a Literal of numbers: pydantic compares, a float 4.0 matches 4
     if v is None:
         return "none"
     return "str" if isinstance(v, str) else "any"
@@ -108,6 +109,8 @@ def number_problem(value: Any, tp: Any, _depth: int = 0) -> str | None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             return f"{value!r} is not a finite number: write a finite number"
+        if "int" in kinds and "float" not in kinds and abs(value) > INT64_MAX:  # pydantic: "exceeded maximum size"
+            return f"{value!r} is too large for a whole number (beyond 64 bits)"
     elif isinstance(value, int):
         if numeric and abs(value) > INT64_MAX:
             return "the number is too large (beyond 64 bits)"

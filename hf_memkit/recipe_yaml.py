@@ -29,7 +29,9 @@ from yaml.events import AliasEvent, CollectionStartEvent, ScalarEvent
 
 from .errors import RecipeError, clip, short_repr
 
-MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: the bundled recipes are under 2 KiB
+# the bundled recipes are under 2 KiB; PyYAML's pure-Python scanner takes about 1 µs per byte, so this bounds
+# the parse to a fraction of a second
+MAX_RECIPE_BYTES = 256 * 1024
 MAX_NODES = 20_000
 MAX_DEPTH = 32
 MAX_INT_CHARS = 64
