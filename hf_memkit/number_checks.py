@@ -17,6 +17,7 @@ from typing import Any, Literal
 #: ints beyond this do not fit the 64-bit fields of torch, numpy and the C libraries that receive them
 INT64_MAX = 2**63 - 1
 
+_NON_FINITE = ("nan", "inf", "infinity")
 _NUMBER_TEXT = re.compile(r"^\s*[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?\s*$")
 
 
@@ -115,6 +116,8 @@ def number_problem(value: Any, tp: Any, _depth: int = 0) -> str | None:
         if numeric and abs(value) > INT64_MAX:
             return "the number is too large (beyond 64 bits)"
     elif isinstance(value, str):
+        if numeric and value.strip().lower().lstrip("+-.") in _NON_FINITE:  # pydantic reads 'nan' as a float
+            return f"{value[:16]!r} is not a finite number: write a finite number"
         if numeric and not kinds & {"str", "any"}:
             spelling = number_spelling(value)
             if spelling is not None:
