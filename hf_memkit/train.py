@@ -153,15 +153,19 @@ def perplexity(trainer: Any) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
-def verdict(before: float | None, after: float | None, vocab_size: int | None) -> str:
-    """What the eval perplexity says of the run: never call a collapse an improvement. A perplexity within 1% of
-    the vocabulary size is a uniform guess over the tokens (the loss sits at log V: the model ignores its input),
-    even when a random model started slightly above it; rising into 90% of V from below is a collapse too."""
+def verdict(before: float | None, after: float | None, vocab_size: int | None,
+            last_grad_norm: float | None = None) -> str:
+    """What the eval perplexity says of the run: never call a collapse an improvement. A collapsed model predicts
+    one distribution whatever the input: its perplexity sits near the vocabulary size (a random model starts
+    there too, so that alone proves nothing) and its gradients are exactly zero; a run that rises into the
+    near-uniform band from below has collapsed as well."""
     if after is None or not math.isfinite(after):
         return "diverged"
-    if vocab_size and (abs(after - vocab_size) <= 0.01 * vocab_size
-                       or (after >= 0.9 * vocab_size and before is not None and before < 0.9 * vocab_size)):
-        return "collapsed"
+    if vocab_size:
+        near_uniform = abs(after - vocab_size) <= 0.05 * vocab_size
+        if (near_uniform and last_grad_norm == 0.0) or (
+                after >= 0.9 * vocab_size and before is not None and before < 0.9 * vocab_size):
+            return "collapsed"
     if before is None or not math.isfinite(before):
         return "trained"
     return "improved" if after < before else "not improved"
@@ -188,7 +192,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     from .data.models import resolve_model_path
 
     path = resolve_model_path(opts.model)  # clear error for a hub id or missing package, before heavy work
-    args, _ = build_training_args(opts, recipe, defaults)
+    args, explicit = build_training_args(opts, recipe, defaults)
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_output_dir(args.output_dir, resume, opts.overwrite)
 
@@ -217,7 +221,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     profiler = MemoryReportCallback()
     trainer = MemkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=default_data_collator, processing_class=tok, callbacks=[profiler],
-                            recipe=recipe)
+                            recipe=recipe, keep_args=explicit)
     ppl_before = perplexity(trainer) if opts.eval_before else None
     if ppl_before is not None:
         print(f"hf_memkit: eval perplexity before training: {ppl_before:.3f}", flush=True)
@@ -241,7 +245,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "eval_tokens": len(eval_ds) * seq_len,
         "perplexity_after": round(ppl_after, 4),
-        "verdict": verdict(ppl_before, ppl_after, getattr(model.config, "vocab_size", None)),
+        "verdict": verdict(ppl_before, ppl_after, getattr(model.config, "vocab_size", None),
+                           next((h["grad_norm"] for h in reversed(trainer.state.log_history) if "grad_norm" in h),
+                                None)),
         "mean_train_loss": round(result.training_loss, 4),
         "last_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "peak_rss_bytes": peak_rss_bytes(),

@@ -24,12 +24,14 @@ class MemkitTrainer(Trainer):
     """A ``transformers.Trainer`` that applies an hf_memkit recipe.
 
     ``MemkitTrainer(model=..., args=..., recipe="r.yaml", ...)``; without ``recipe`` it reads
-    ``args.memkit_recipe`` (see :class:`MemkitTrainingArguments`). The model is patched *before*
+    ``args.memkit_recipe`` (see :class:`MemkitTrainingArguments`). ``keep_args`` names TrainingArguments fields
+    the caller set explicitly (command-line flags): the recipe's ``training_args`` do not override those. The model is patched *before*
     ``Trainer.__init__``, so the Trainer's own checks (quantized models need an adapter, ...) see the result.
     """
 
     def __init__(self, model: Any = None, args: TrainingArguments | None = None, *posargs: Any,
-                 recipe: "Recipe | str | dict | None" = None, **kwargs: Any):
+                 recipe: "Recipe | str | dict | None" = None, keep_args: "set[str] | frozenset[str]" = frozenset(),
+                 **kwargs: Any):
         if recipe is None:
             recipe = getattr(args, "memkit_recipe", None)
         recipe = load_recipe(recipe if recipe is not None else {})
@@ -38,6 +40,6 @@ class MemkitTrainer(Trainer):
         )
         if args is None:
             args = TrainingArguments(output_dir="trainer_output")
-        model, args, runtime = prepare(model, args, recipe, trainer_has_optimizer=has_opt)
+        model, args, runtime = prepare(model, args, recipe, trainer_has_optimizer=has_opt, keep_args=keep_args)
         super().__init__(model, args, *posargs, **kwargs)
         attach(self, runtime)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,13 @@ def compare(recipes: list[str], *, model: str = "smollm2", steps: int = 5, extra
     resolve_model_path(model)
     root = workdir or tempfile.mkdtemp(prefix="memkit-compare-")
     rows = []
-    for i, r in enumerate(recipes):
-        print(f"memkit compare: [{i + 1}/{len(recipes)}] {r} ...", file=sys.stderr, flush=True)
-        rows.append(run_one(r, model, steps, os.path.join(root, f"{i}-{Path(r).stem}"), extra or []))
+    try:
+        for i, r in enumerate(recipes):
+            print(f"memkit compare: [{i + 1}/{len(recipes)}] {r} ...", file=sys.stderr, flush=True)
+            rows.append(run_one(r, model, steps, os.path.join(root, f"{i}-{Path(r).stem}"), extra or []))
+    finally:
+        if workdir is None:  # its own temporary folder (model copies, checkpoints) goes, on errors too
+            shutil.rmtree(root, ignore_errors=True)
     base = rows[0]
     for row in rows:
         row["ratio_peak_rss"] = round(row["peak_rss_bytes"] / base["peak_rss_bytes"], 3)

@@ -127,9 +127,10 @@ def test_learning_rate_1e3_is_stopped_within_a_few_steps_with_a_clear_message(tm
 def test_a_collapse_is_never_called_an_improvement():
     from hf_memkit.train import verdict
 
-    assert verdict(520.3, 512.0, 512) == "collapsed"  # the uniform guess, from a random start above it
+    assert verdict(520.3, 512.0, 512, last_grad_norm=0.0) == "collapsed"  # uniform, from a random start above
+    assert verdict(520.3, 512.0, 512, last_grad_norm=0.3) == "improved"  # a random tiny model, still learning
     assert verdict(30.0, 480.0, 512) == "collapsed"  # rose into the near-uniform band
-    assert verdict(520.3, 470.0, 512) == "improved"  # a random tiny model learning
+    assert verdict(520.3, 470.0, 512) == "improved"
     assert verdict(30.0, math.inf, 512) == "diverged"
     assert verdict(30.0, 31.0, 512) == "not improved"
 
