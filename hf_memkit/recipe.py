@@ -23,7 +23,7 @@ import stat
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import yaml
@@ -66,8 +66,6 @@ class ExportConfig(BaseModel):
     @classmethod
     def _inside_output_dir(cls, v: str) -> str:
         # the export is written (and an old one replaced) at output_dir/dir: it must not land anywhere else
-        from pathlib import PurePosixPath, PureWindowsPath
-
         parts = [p for p in v.replace("\\", "/").split("/") if p not in ("", ".")]
         if (not parts or "\0" in v or PurePosixPath(v).is_absolute() or PureWindowsPath(v).anchor
                 or ".." in parts):
@@ -209,8 +207,11 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
             path=where,
             fix="write `memkit: 1` followed by slots such as `optimizer: {adamw: {}}`",
         )
-    if "memkit" not in data and not any(isinstance(k, str) and k in TOP_KEYS for k in data):
-        # some other YAML/JSON file: say so without quoting its contents
+    if "memkit" not in data and not any(
+        isinstance(k, str) and (k in TOP_KEYS or registry.slots_of(k) or _suggest(k, TOP_KEYS))
+        for k in list(data)[:50]  # enough to tell; difflib on thousands of keys would not be cheap
+    ):
+        # some other YAML/JSON file (nothing in it looks like a misspelt recipe): say so without quoting it
         raise RecipeError(
             "not a recipe: no `memkit:` version and none of the top-level keys is a recipe section",
             path=where,

@@ -343,3 +343,8 @@ def test_binary_file_is_not_a_recipe(tmp_path: Path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 10)
     err = _error(path)
     assert "not UTF-8" in err.problem
+
+
+def test_a_misspelt_recipe_without_version_still_gets_its_hint():
+    assert "write it under `adapter:`" in str(_error("lora: {r: 8}\n"))
+    assert "did you mean 'optimizer'" in str(_error("optimiser: {adamw: {}}\n"))
