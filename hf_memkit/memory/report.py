@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 #: the categories both sides have, in display order
@@ -51,6 +52,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _save(fig: Any, path: str, **kwargs: Any) -> None:
+    """A chart is complete or absent (written to a temporary sibling, then renamed)."""
+    from ..atomic import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=100, format=os.path.splitext(path)[1].lstrip(".").lower() or "png", **kwargs)
+
+
 def plot_estimate(estimate: dict[str, Any], path: str, title: str = "memory estimate") -> str:
     plt = _plt()
     cats = {k: v for k, v in categories(estimate).items() if v > 0}
@@ -62,7 +71,7 @@ def plot_estimate(estimate: dict[str, Any], path: str, title: str = "memory esti
     ax.set_ylabel("MiB")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -90,7 +99,7 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     right.set_title("per step")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -110,6 +119,6 @@ def plot_compare(rows: list[dict[str, Any]], path: str) -> str:
     ax.set_ylabel("MiB")
     ax.set_title("measured memory by recipe")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save(fig, path, bbox_inches="tight")
     plt.close(fig)
     return path
