@@ -5,7 +5,7 @@ gradients, in O(N + V) extra memory. See :func:`~.function.linear_cross_entropy`
 """
 
 from .function import linear_cross_entropy
-from .problem import LinearCrossEntropyError
+from .problem import LinearCrossEntropyError, TokenStats
 from .reference import naive_linear_cross_entropy
 
-__all__ = ["linear_cross_entropy", "naive_linear_cross_entropy", "LinearCrossEntropyError"]
+__all__ = ["linear_cross_entropy", "naive_linear_cross_entropy", "LinearCrossEntropyError", "TokenStats"]

@@ -21,7 +21,8 @@ import torch
 
 from ...memory.tags import mark_parameter_gradient
 from . import reference
-from .problem import LCEProblem, LinearCrossEntropyError, compute_dtype_of, default_budget, resolve_filter_eps
+from .problem import (LCEProblem, LinearCrossEntropyError, TokenStats, compute_dtype_of, default_budget,
+                      resolve_filter_eps)
 
 logger = logging.getLogger("hf_memkit")
 
@@ -88,6 +89,14 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | N
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
+def _stats_elsewhere(prob: LCEProblem, backend) -> None:
+    """The torch backend fills ``prob.stats`` inside its own chunked pass; after the Triton kernels (whose numerics
+    and speed stay as they are) a forward-only chunked torch pass computes them: one more pass over the logits,
+    paid only when statistics are asked for."""
+    if prob.stats is not None and backend is not reference:
+        reference.token_stats(prob)
+
+
 def _no_autocast(device: torch.device):
     # the backends choose their own precision (fp32 accumulation); autocast would turn their matmuls into bf16
     return torch.autocast(device_type=device.type, enabled=False)
@@ -98,6 +107,7 @@ class _ScalarLossWithGrads(torch.autograd.Function):
     def forward(ctx, e, c, bias, prob: LCEProblem, backend, scale, needs):
         with _no_autocast(e.device):
             loss_sum, _, de, dc, db = backend.fused(prob, scale, *needs)
+            _stats_elsewhere(prob, backend)
         de, dc, db = _cast(de, e), _cast(dc, c), _cast(db, bias)
         for grad, inp in ((dc, c), (db, bias)):
             # backward hands these buffers to autograd unchanged (scaled in place): for a leaf parameter they
@@ -126,6 +136,7 @@ class _RecomputeLoss(torch.autograd.Function):
             else:
                 lse, z = backend.lse_and_target(prob)[:2]
                 avg = None
+            _stats_elsewhere(prob, backend)
         rows_loss = reference._row_losses(lse, z, prob.z_loss)
         if reduction == "none":
             out = torch.zeros(out_shape.numel(), dtype=prob.compute_dtype, device=e.device)
@@ -221,6 +232,7 @@ def linear_cross_entropy(
     *,
     memory_budget: int | None = None,
     vocab_sort: bool = True,
+    token_stats: TokenStats | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the logits ``e @ c.T (+ bias)`` against ``targets``, without materialising the logits.
 
@@ -243,10 +255,17 @@ def linear_cross_entropy(
       see :func:`~.problem.default_budget`); the chunk sizes follow from it.
     * ``vocab_sort``: the Triton backward visits the vocabulary sorted by average logit so that filtered
       blocks cluster (ignored by the torch path).
+    * ``token_stats``: a :class:`~.problem.TokenStats` to fill, without gradient, with the summed softmax entropy,
+      the argmax hits and the count of the non-ignored targets (what TRL logs as ``entropy`` and
+      ``mean_token_accuracy``); the torch path accumulates them in its chunked pass, after Triton a forward-only
+      torch pass does. None (default): not computed.
 
     Accumulation is in fp32 (fp64 for fp64 inputs); the loss is returned in that dtype.
     """
     k = _check(e, c, targets, bias, reduction, shift, softcap, z_loss, num_items_in_batch, filter_eps)
+    if token_stats is not None and not isinstance(token_stats, TokenStats):
+        raise LinearCrossEntropyError(
+            f"linear_cross_entropy: token_stats must be a TokenStats (or None), got {type(token_stats).__name__}")
     in_dtype = e.dtype if e.element_size() <= c.element_size() else c.dtype
     chosen = resolve_impl(impl, e.device, in_dtype)
     backend = _backend(chosen)
@@ -273,7 +292,9 @@ def linear_cross_entropy(
             bias = bias.to(e2.dtype)
     budget = int(memory_budget) if memory_budget else default_budget(e.device, V, D)
     prob = LCEProblem(e2, c, bias, rows, y, float(softcap) if softcap is not None else None, float(z_loss),
-                      resolve_filter_eps(filter_eps, in_dtype), budget, cdt, vocab_sort)
+                      resolve_filter_eps(filter_eps, in_dtype), budget, cdt, vocab_sort, token_stats)
+    if token_stats is not None:
+        token_stats.zero(e.device)  # defined sums even when no target counts; the passes add to them
 
     if reduction == "mean":
         denom = num_items_in_batch if num_items_in_batch is not None else n_valid

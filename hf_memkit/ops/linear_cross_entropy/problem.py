@@ -35,6 +35,8 @@ class LCEProblem:
     budget: int
     compute_dtype: torch.dtype
     vocab_sort: bool = True
+    #: filled by the torch backend's forward passes when set (see :class:`TokenStats`)
+    stats: "TokenStats | None" = None
 
     @property
     def n(self) -> int:
@@ -43,6 +45,47 @@ class LCEProblem:
     @property
     def vocab(self) -> int:
         return self.c.shape[0]
+
+
+class TokenStats:
+    """Token-level metrics of the logits a :func:`linear_cross_entropy` call saw, summed over its non-ignored
+    targets: ``entropy_sum`` (Σ of each row's softmax entropy, nats), ``correct`` (rows whose target is the argmax,
+    the first maximum on ties, as ``torch.argmax``) and ``count`` (non-ignored rows). 0-dim tensors on the inputs'
+    device, no gradient; computed inside the chunked pass (no N×V tensor). Pass one as ``token_stats=`` and read it
+    after the call; several calls add up."""
+
+    def __init__(self) -> None:
+        self.entropy_sum: torch.Tensor | None = None
+        self.correct: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def add(self, entropy_rows: torch.Tensor, correct_rows: torch.Tensor) -> None:
+        """Add one chunk of rows: per-row entropies and per-row argmax == target flags."""
+        ent = entropy_rows.detach().sum()
+        hit = correct_rows.detach().sum().to(torch.int64)
+        cnt = torch.tensor(entropy_rows.numel(), dtype=torch.int64, device=ent.device)
+        if self.entropy_sum is None:
+            self.entropy_sum, self.correct, self.count = ent, hit, cnt
+        else:
+            self.entropy_sum, self.correct, self.count = self.entropy_sum + ent, self.correct + hit, self.count + cnt
+
+    def zero(self, device: torch.device) -> None:
+        """A call without non-ignored targets still leaves defined (zero) sums."""
+        if self.entropy_sum is None:
+            self.entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
+            self.correct = torch.zeros((), dtype=torch.int64, device=device)
+            self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def mean_entropy(self) -> float:
+        n = int(self.count) if self.count is not None else 0
+        return float(self.entropy_sum) / n if n else 0.0
+
+    def accuracy(self) -> float:
+        n = int(self.count) if self.count is not None else 0
+        return float(self.correct) / n if n else 0.0
+
+    def __repr__(self) -> str:
+        return f"TokenStats(count={self.count}, mean_entropy={self.mean_entropy():.4f}, accuracy={self.accuracy():.4f})"
 
 
 def compute_dtype_of(*dtypes: torch.dtype) -> torch.dtype:

@@ -226,14 +226,24 @@ def lse_and_target(p: LCEProblem) -> tuple[torch.Tensor, torch.Tensor]:
         z[s:s + r] = _target_logits(e_b, p.c, p.y[s:s + r], bias, p.softcap, cdt)
         m = torch.full((r,), float("-inf"), dtype=cdt, device=p.e.device)
         acc = torch.zeros(r, dtype=cdt, device=p.e.device)
+        online = _OnlineStats(r, p.e.device, cdt) if p.stats is not None else None
         for v0 in range(0, V, plan.vocab):
             v1 = min(v0 + plan.vocab, V)
             out = _logits_into(_view(buf, r, v1 - v0), e_b, p.c[v0:v1].to(cdt),
                                None if bias is None else bias[v0:v1], p.softcap, _view(tbuf, r, v1 - v0))
-            m_new = torch.maximum(m, out.amax(1))
-            acc.mul_(torch.exp(m - m_new)).add_(out.sub_(m_new[:, None]).exp_().sum(1))
+            if online is None:
+                m_new = torch.maximum(m, out.amax(1))
+            else:
+                m_new = online.see_max(m, out, v0)
+            rescale = torch.exp(m - m_new)
+            part = out.sub_(m_new[:, None]).exp_()
+            if online is not None:
+                online.see_scores(part, rescale, m - m_new, acc)
+            acc.mul_(rescale).add_(part.sum(1))
             m = m_new
         lse[s:s + r] = m + acc.log()
+        if online is not None:
+            online.finish(p.stats, acc, p.y[s:s + r])
     return lse, z
 
 
@@ -304,9 +314,11 @@ def fused(p: LCEProblem, scale: torch.Tensor, need_e: bool, need_c: bool, need_b
         t = _view(tbuf, r, V)
         sc = _logits_into(_view(buf, r, V), e_b, c, bias, p.softcap, t)
         z = sc.gather(1, y_b[:, None]).squeeze(1)
-        m = sc.amax(1)
+        m, top = sc.max(1) if p.stats is not None else (sc.amax(1), None)
         total = sc.sub_(m[:, None]).exp_().sum(1)
         lse_b = m + total.log()
+        if top is not None:  # before the scores turn into gradients in place
+            p.stats.add(_entropy(sc, total), top == y_b)
         lse[s:s + r] = lse_b
         loss_sum += _row_losses(lse_b, z, p.z_loss).sum()
         coef = 1.0 / total if not p.z_loss else (1.0 + 2.0 * p.z_loss * lse_b) / total
@@ -320,6 +332,55 @@ def fused(p: LCEProblem, scale: torch.Tensor, need_e: bool, need_c: bool, need_b
         if de_b is not None:
             sink.put_rows(where, de_b)
     return (loss_sum, lse) + sink.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# token statistics (entropy, argmax accuracy) for hosts that log them, e.g. TRL's SFTTrainer
+
+
+def _entropy(s: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Softmax entropy per row from ``s`` = exp(logit − rowmax) and its row sum: H = log Σs − Σ s·log s / Σs.
+    Written relative to the row max, so no large logit cancels (xlogy(0, 0) = 0 for underflowed entries)."""
+    return total.log() - torch.special.xlogy(s, s).sum(1) / total
+
+
+class _OnlineStats:
+    """Entropy and argmax over vocabulary chunks, merged online like the log-sum-exp: ``t`` = Σ_j s_j·(l_j − m)
+    with s_j = exp(l_j − m) relative to the running max m, so H = log(acc) − t / acc at the end; the argmax keeps
+    the first maximum (a later chunk wins only when strictly larger), as ``torch.argmax`` does."""
+
+    def __init__(self, r: int, device: torch.device, cdt: torch.dtype):
+        self.t = torch.zeros(r, dtype=cdt, device=device)
+        self.top = torch.zeros(r, dtype=torch.long, device=device)
+        self.first = True
+
+    def see_max(self, m: torch.Tensor, out: torch.Tensor, v0: int) -> torch.Tensor:
+        cmax, cidx = out.max(1)
+        self.top = torch.where(cmax > m, cidx + v0, self.top)
+        return torch.maximum(m, cmax)
+
+    def see_scores(self, part: torch.Tensor, rescale: torch.Tensor, shift: torch.Tensor, acc: torch.Tensor) -> None:
+        """``part`` = exp(l − m_new) of this chunk, ``shift`` = m_old − m_new (−inf on the first chunk, where
+        ``acc`` and ``t`` are still 0)."""
+        here = torch.special.xlogy(part, part).sum(1)
+        if self.first:
+            self.t = here
+            self.first = False
+        else:
+            self.t = rescale * (self.t + shift * acc) + here
+
+    def finish(self, stats, acc: torch.Tensor, y: torch.Tensor) -> None:
+        stats.add(acc.log() - self.t / acc, self.top == y)
+
+
+def token_stats(p: LCEProblem) -> None:
+    """Fill ``p.stats`` with a forward-only chunked pass (for backends that do not compute them themselves: the
+    Triton kernels keep their numerics and cost, and the statistics cost one more pass over the logits)."""
+    if p.stats is None:
+        return
+    with torch.no_grad():
+        lse_and_target(p)
+    p.stats.zero(p.e.device)
 
 
 def _row_losses(lse: torch.Tensor, z: torch.Tensor, z_loss: float) -> torch.Tensor:

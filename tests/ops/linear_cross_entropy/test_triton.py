@@ -107,3 +107,23 @@ def test_no_saved_tensor_has_n_times_v_elements():
             loss = linear_cross_entropy(e, c, y.to(DEVICE), bias=b, reduction=reduction, impl="triton")
         loss.sum().backward()
     assert sizes and max(sizes) < n * v
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_token_stats_after_triton_equal_the_torch_path_and_leave_the_loss_alone(grad):
+    from hf_memkit.ops.linear_cross_entropy import TokenStats
+
+    e, c, b, y = make_problem(23, torch.float32, 64, 20, 97, batch=2, bias=True, scale=2.0)
+    e, c, b = _to(DEVICE, e, c, b)
+    y = y.to(DEVICE)
+    got = {}
+    for impl in ("triton", "torch"):
+        stats = TokenStats()
+        with torch.set_grad_enabled(grad):
+            loss = linear_cross_entropy(e, c, y, bias=b, shift=True, impl=impl, token_stats=stats)
+            plain = linear_cross_entropy(e, c, y, bias=b, shift=True, impl=impl)
+        assert torch.equal(loss, plain)  # the kernels' numerics are unchanged by asking for statistics
+        got[impl] = stats
+    assert int(got["triton"].count) == int(got["torch"].count) > 0
+    assert int(got["triton"].correct) == int(got["torch"].correct)
+    assert abs(got["triton"].mean_entropy() - got["torch"].mean_entropy()) < 1e-5
