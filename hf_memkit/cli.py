@@ -155,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
 def _train(ns: argparse.Namespace, extra: list[str]) -> int:
     from .train import TrainOptions, train
 
-    summary = train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps,
-                                 max_seq_len=ns.max_seq_len, output_dir=ns.output_dir, extra=extra,
-                                 eval_before=ns.eval_before, divergence_guard=ns.divergence_guard,
-                                 overwrite=ns.overwrite))
+    from .integrations.launcher import logging_to_stderr
+
+    with logging_to_stderr():  # the start-of-training block and the techniques' own lines are INFO
+        summary = train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps,
+                                     max_seq_len=ns.max_seq_len, output_dir=ns.output_dir, extra=extra,
+                                     eval_before=ns.eval_before, divergence_guard=ns.divergence_guard,
+                                     overwrite=ns.overwrite))
     if summary.get("verdict") in ("collapsed", "diverged"):
         print(f"memkit: the trained model {summary['verdict']} (eval perplexity {summary['perplexity_after']})\n"
               "  fix: lower the learning rate or add warmup; see train_summary.json", file=sys.stderr)

@@ -112,6 +112,10 @@ class Technique:
     #: for techniques that hook library internals: package -> the version range it was verified on; outside
     #: it the run warns (:mod:`hf_memkit.integrations.versions`)
     verified_with: ClassVar[dict[str, str]] = {}
+    #: whether ``extra_loss`` reads the model's ``outputs``. The loss wrapper asks the host's ``compute_loss`` for
+    #: outputs only when the caller or such a technique needs them (TRL recomputes the logits with a whole extra
+    #: forward pass when asked). None: True exactly when the subclass overrides ``extra_loss``
+    extra_loss_needs_outputs: ClassVar[bool | None] = None
 
     def __init__(self, config: TechniqueConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -152,6 +156,19 @@ class Technique:
     # 6
     def callbacks(self) -> list:
         return []
+
+    def optimizer_ready(self, optimizer: Any, args: Any, state: Any) -> None:
+        """Called once the run's optimizer exists, before the Trainer announces the run: schedules set the
+        parameters that train first (so the Trainer's trainable-parameter count is the real one)."""
+
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        """One line for the start-of-training block: what this technique did to *this* model (how many modules
+        it wrapped, which layers train, which optimizer class and state dtype, ...). The default names the
+        technique's summary and the settings that differ from their defaults."""
+        changed = {k: v for k, v in self.config.model_dump().items()
+                   if k in type(self.config).model_fields and v != type(self.config).model_fields[k].default}
+        settings = ", ".join(f"{k}={v}" for k, v in changed.items())
+        return f"{self.summary}" + (f" [{settings}]" if settings else "")
 
     # 7
     def state_dict(self) -> dict[str, Any]:

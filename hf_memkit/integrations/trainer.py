@@ -110,14 +110,34 @@ class RecipeRuntime:
             restore()
         return model
 
+    # say what happened -------------------------------------------------------------------------------------------
+    def describe(self, model: Any, optimizer: Any = None) -> list[str]:
+        """The start-of-training block: each technique and what it did to this model, then what trains now."""
+        params = list(model.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        base = getattr(model, "get_base_model", lambda: model)()
+        lines = [f"hf_memkit: recipe {self.recipe.source} on {type(base).__name__} "
+                 f"({total / 1e6:.1f}M parameters)"]
+        for t in self.techniques:
+            lines.append(f"  {t.slot:<12} {t.name:<16} {t.describe(model, optimizer)}")
+        if not self.techniques:
+            lines.append("  (no techniques: a stock Trainer run)")
+        lines.append(f"  trainable now: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+        return lines
+
     # loss -----------------------------------------------------------------------------------------------------
     def compute_loss(self, default, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # outputs only when someone reads them: TRL's compute_loss pays a second forward pass to build them
+        adders = [t for t in self.techniques if type(t).extra_loss is not Technique.extra_loss]
+        need = return_outputs or any(t.extra_loss_needs_outputs is not False for t in adders)
         loss_t = self.of_slot("loss")
         if loss_t is not None:
-            loss, outputs = loss_t.loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=True)
+            result = loss_t.loss(model, inputs, num_items_in_batch=num_items_in_batch, return_outputs=need)
         else:
-            loss, outputs = default(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        for t in self.techniques:
+            result = default(model, inputs, return_outputs=need, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if need else (result, None)
+        for t in adders:
             extra = t.extra_loss(model, inputs, outputs)
             if extra is not None:
                 loss = loss + extra
@@ -248,9 +268,18 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
         opt_t = runtime.of_slot("optimizer")
         if trainer.optimizer is None and opt_t is not None:
             trainer.optimizer = opt_t.create_optimizer(model if model is not None else trainer.model, trainer.args)
+            # training_args.bin records what really optimizes (the Trainer's `optim` field was not used)
+            trainer.args.optim_args = f"hf_memkit: {opt_t.name} ({type(trainer.optimizer).__name__})"
             logger.info("hf_memkit: optimizer %s from technique %r", type(trainer.optimizer).__name__, opt_t.name)
-            return trainer.optimizer
-        return originals["create_optimizer"](model) if model is not None else originals["create_optimizer"]()
+            optimizer = trainer.optimizer
+        else:
+            optimizer = originals["create_optimizer"](model) if model is not None else originals["create_optimizer"]()
+        for t in runtime.techniques:
+            t.optimizer_ready(optimizer, trainer.args, trainer.state)
+        if trainer.args.should_log:
+            for line in runtime.describe(trainer.model, optimizer):
+                logger.info("%s", line)
+        return optimizer
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         # callbacks that measure the forward (saved activations) offer a context; callbacks alone never see it

@@ -26,6 +26,14 @@ class OptimizerTechnique(Technique):
                 fix="drop the optimizer slot from the recipe, or stop passing an optimizer to the Trainer",
             )
 
+    #: what the optimizer keeps per parameter, for the start-of-training block
+    state_description: ClassVar[str] = "fp32 moments"
+
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        from ..integrations.describe import optimizer_line
+
+        return optimizer_line(optimizer, self.state_description)
+
     def hyperparameters(self, args: Any) -> dict[str, Any]:
         """lr and weight decay: the config's value when set, else TrainingArguments' (so schedulers and
         `--learning_rate` keep working)."""

@@ -57,6 +57,14 @@ class MesaTechnique(Technique):
 
         return PatchHandle(model, undo)
 
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        from collections import Counter
+
+        kinds = Counter(self.covered.values())
+        what = "; ".join(f"{n} x {k}" for k, n in kinds.most_common())
+        return (f"{len(self.covered)} modules keep their saved activations in 8 bits ({what or 'none'}), "
+                f"{self.config.groups} groups per range")
+
     @property
     def covered(self) -> dict[str, str]:
         return dict(self._patcher.covered) if self._patcher else {}

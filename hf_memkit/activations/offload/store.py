@@ -42,16 +42,28 @@ class _DiskEntry:
 
 
 class DiskStore:
+    """Saved tensors as files in a private temporary folder. The folder exists only while tensors are written
+    (made at the first ``put``), goes at ``release()``/``close()`` (the end of training) and, whatever happens,
+    when the process exits: a run never leaves an empty ``memkit-offload-*`` folder behind."""
+
     def __init__(self, folder: str | None = None):
-        self.folder = tempfile.mkdtemp(prefix="memkit-offload-", dir=folder)
+        self.parent = folder
+        self.folder: str | None = None
+        self._remove_at_exit: Any = None
         self._ids = itertools.count()
         self.bytes_written = 0
+
+    def _ensure_folder(self) -> str:
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="memkit-offload-", dir=self.parent)
+            self._remove_at_exit = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        return self.folder
 
     def put(self, t: torch.Tensor) -> _DiskEntry:
         flat, stride = _flat(t.detach())
         flat = flat.cpu()
         e = _DiskEntry()
-        e.path = os.path.join(self.folder, f"{next(self._ids)}.bin")
+        e.path = os.path.join(self._ensure_folder(), f"{next(self._ids)}.bin")
         e.shape, e.stride, e.dtype, e.device = tuple(t.shape), stride, t.dtype, t.device
         raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
         e.nbytes = raw.numel()
@@ -69,10 +81,16 @@ class DiskStore:
         return out.to(e.device) if e.device.type != "cpu" else out
 
     def files(self) -> list[str]:
-        return sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        return sorted(os.listdir(self.folder)) if self.folder and os.path.isdir(self.folder) else []
+
+    def release(self) -> None:
+        """Remove the folder (the next ``put`` makes a new one)."""
+        if self._remove_at_exit is not None:
+            self._remove_at_exit()  # rmtree now, and no longer at exit
+        self.folder = self._remove_at_exit = None
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
 
 
 def _unlink(path: str) -> None:
@@ -123,6 +141,9 @@ class HostStore:
         cur.wait_stream(side)
         out.record_stream(cur)
         return out
+
+    def release(self) -> None:
+        """Nothing to remove: host buffers go with their saved tensors."""
 
     def close(self) -> None:
         self.streams.clear()

@@ -50,6 +50,21 @@ class OffloadTechnique(Technique):
                 fix="set token_fraction: 1 (then the checkpoint inputs are offloaded), or turn gradient "
                 "checkpointing off")
 
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        if self.store is None:
+            return super().describe(model, optimizer)
+        where = "disk (a temporary folder" + (f" under {self.config.dir})" if self.config.dir else ")") \
+            if hasattr(self.store, "parent") else "pinned host RAM"
+        tokens = "" if self.config.token_fraction >= 1 else \
+            f"; {self.config.token_fraction:.0%} of each layer's tokens, the rest recomputed"
+        return (f"tensors saved for backward of {self.config.min_bytes:,} bytes or more go to {where}{tokens}; "
+                "bytes written per step are logged after the first step")
+
+    def callbacks(self) -> list:
+        from .callback import OffloadReportCallback
+
+        return [OffloadReportCallback(self)]
+
     def estimate(self, mem: Any) -> None:
         from .estimate import offload_estimate
 

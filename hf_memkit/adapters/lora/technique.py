@@ -59,6 +59,12 @@ class LoraTechnique(Technique):
     def estimate(self, mem: Any) -> None:
         estimate_lora(mem, self.config.peft_kwargs(), self.config.lora_dropout)
 
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        from ...integrations.describe import adapter_line
+
+        c = self.config
+        return adapter_line(model, f"LoRA r={c.r} alpha={c.lora_alpha}")
+
     def finalize(self, model: Any, output_dir: str) -> None:
         return None
 

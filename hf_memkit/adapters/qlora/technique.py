@@ -51,6 +51,14 @@ class QLoraTechnique(Technique):
 
         return PatchHandle(inner.model, undo)
 
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        from ...integrations.describe import adapter_line, quantized_4bit
+
+        count, kind = quantized_4bit(model)
+        c = self.config
+        return (f"quantized {count} Linear layers to {kind} (bitsandbytes, blocksize {c.blocksize}"
+                f"{', double quant' if c.double_quant else ''}); " + adapter_line(model, f"LoRA r={c.r}"))
+
     def estimate(self, mem: Any) -> None:
         cfg = self.config
         for p in mem.params_of_linears(skip=cfg.skip_modules):

@@ -9,6 +9,7 @@ from .config import AdamWConfig
 class AdamWTechnique(OptimizerTechnique):
     name: ClassVar[str] = "adamw"
     config_cls = AdamWConfig
+    state_description: ClassVar[str] = "fp32 first and second moments (8 bytes/param)"
     summary: ClassVar[str] = "torch.optim.AdamW (fp32 moments, 8 bytes/param)"
     reference: ClassVar[str] = "Loshchilov & Hutter 2019; torch.optim.AdamW"
 

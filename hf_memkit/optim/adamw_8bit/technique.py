@@ -12,6 +12,7 @@ BLOCK = 256  # bitsandbytes' block size for optimizer-state quantization
 class AdamW8bitTechnique(OptimizerTechnique):
     name: ClassVar[str] = "adamw_8bit"
     config_cls = AdamW8bitConfig
+    state_description: ClassVar[str] = "8-bit block-wise moments (~2 bytes/param)"
     summary: ClassVar[str] = "bitsandbytes block-wise 8-bit AdamW (~2 bytes/param of state)"
     reference: ClassVar[str] = "Dettmers et al. 2022; bitsandbytes.optim.AdamW8bit"
 

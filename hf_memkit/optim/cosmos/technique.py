@@ -16,6 +16,7 @@ _ENGINE_REASON = (
 class CosmosTechnique(OptimizerTechnique):
     name: ClassVar[str] = "cosmos"
     config_cls = CosmosConfig
+    state_description: ClassVar[str] = "SOAP factors in a rank-r eigensubspace + Muon momentum on the rest"
     summary: ClassVar[str] = "COSMOS: SOAP in a rank-r eigensubspace + Muon on the rest (~0.6x AdamW state)"
     reference: ClassVar[str] = "Liu et al. 2025; lliu606/COSMOS"
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}

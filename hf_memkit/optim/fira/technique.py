@@ -15,6 +15,7 @@ _ENGINE_REASON = (
 class FiraTechnique(OptimizerTechnique):
     name: ClassVar[str] = "fira"
     config_cls = FiraConfig
+    state_description: ClassVar[str] = "Adam moments of the rank-r GaLore projection only"
     summary: ClassVar[str] = "Fira: GaLore low-rank Adam + scaled full-rank residual (~0.15x AdamW state)"
     reference: ClassVar[str] = "Chen et al. 2024; xichen-fy/Fira"
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}

@@ -26,6 +26,7 @@ class SSTTechnique(OptimizerTechnique):
 
     name: ClassVar[str] = "sst"
     config_cls = SSTConfig
+    state_description: ClassVar[str] = "Adam moments of the singular values and the sampled singular vectors"
     summary: ClassVar[str] = "Sparse Spectral Training: W = U·diag(Σ)·Vᵀ, all Σ + r sampled pairs train"
     reference: ClassVar[str] = "Zhao et al., ICML 2025, arXiv 2405.15481"
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}

@@ -159,6 +159,19 @@ class LisaTechnique(Technique):
 
         return PatchHandle(model, undo)
 
+    def optimizer_ready(self, optimizer: Any, args: Any, state: Any) -> None:
+        """Draw and apply the first active layers as soon as the optimizer holds every layer, so the Trainer's
+        "trainable parameters" banner counts what really trains (on_train_begin repeats it idempotently)."""
+        if self._patched:
+            self.on_train_begin(args, state, optimizer)
+
+    def describe(self, model: Any, optimizer: Any = None) -> str:
+        c = self.config
+        active = f" (now layers {self._active})" if self._active is not None else ""
+        return (f"{c.active_layers} of {len(self._layer_params)} decoder layers train{active}, re-drawn every "
+                f"{c.interval} steps; always: {', '.join(c.always_train) or 'nothing'}; optimizer state of "
+                f"inactive layers {'dropped' if c.drop_optimizer_state else 'kept'}")
+
     # 6 ----------------------------------------------------------------------------------------------------------
     def callbacks(self) -> list:
         from .callback import LisaCallback
