@@ -21,11 +21,13 @@ class CCEConfig(TechniqueConfig):
     ``lm_head`` chunk by chunk, in O(tokens + vocabulary) extra memory plus one logit chunk (``memory_budget_mb``;
     on GPU the Triton kernels keep the logits in SRAM); for a scalar loss the gradients are formed during the
     forward pass, so no logit is computed twice. Logits are not computed in training; in evaluation the loss is
-    always reported and the logits returned only when asked (``eval_logits``).
+    always reported and the logits returned only when asked (``eval_logits``). Under TRL's SFTTrainer the fused loss
+    also computes the token metrics it logs (``entropy``, ``mean_token_accuracy``, ``num_tokens``) in its chunked
+    pass; TRL's DPO/GRPO/... trainers, whose losses are not next-token cross-entropy, refuse the loss slot.
 
     Not for: models whose vocabulary is small next to the hidden size (the logits are then cheap and the saving
     negligible); training that needs the logits themselves (distillation on full distributions, label smoothing,
-    TRL metrics computed from ``outputs.logits``); encoder-decoder models or families with an unknown logit
+    metrics computed from ``outputs.logits``); encoder-decoder models or families with an unknown logit
     transform (refused with an error); FSDP or DeepSpeed ZeRO-3, which shard lm_head's weight and gather it only
     inside ``lm_head.forward``.
     """

@@ -46,6 +46,8 @@ class CCETechnique(Technique):
         super().__init__(config)
         self._patch = None
         self._loss_scale = 1  # the Trainer's multi-process factor for token-averaged losses (see callbacks)
+        self._sink = None  # a host that logs token metrics from its loss (TRL's SFTTrainer), see bind_trainer
+        self._stats = None  # the TokenStats the fused loss fills during one loss() call
 
     # 1 ----------------------------------------------------------------------------------------------------------
     def validate(self, ctx: ValidationContext) -> None:
@@ -124,7 +126,16 @@ class CCETechnique(Technique):
         cfg = self.config
         budget = int(cfg.memory_budget_mb * MiB) if cfg.memory_budget_mb else None
         return linear_cross_entropy(e, c, targets, z_loss=cfg.z_loss, filter_eps=cfg.filter_eps, impl=cfg.impl,
-                                    memory_budget=budget, vocab_sort=cfg.vocab_sort, **kw)
+                                    memory_budget=budget, vocab_sort=cfg.vocab_sort, token_stats=self._stats, **kw)
+
+    # wired ------------------------------------------------------------------------------------------------------
+    def bind_trainer(self, trainer: Any) -> None:
+        """Once the Trainer is built: refuse hosts whose loss this technique must not replace (TRL's DPO, GRPO, ...,
+        ``use_liger_kernel``), and feed the token metrics a TRL SFTTrainer logs from its own loss."""
+        from ...integrations.trl import check_loss_host, metrics_sink
+
+        check_loss_host(trainer, f"loss.{self.name}")
+        self._sink = metrics_sink(trainer)
 
     # 5 ----------------------------------------------------------------------------------------------------------
     def loss(self, model: Any, inputs: dict, num_items_in_batch: Any = None, return_outputs: bool = False):
@@ -144,8 +155,19 @@ class CCETechnique(Technique):
             )
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
-        with patch.request_logits(self._wants_logits(patch, skip_logits)):
-            outputs = model(**inputs)
+        stats = None
+        if self._sink is not None:  # entropy / accuracy are computed only for a host that logs them
+            from ...ops.linear_cross_entropy import TokenStats
+
+            stats = TokenStats()
+        self._stats = stats
+        try:
+            with patch.request_logits(self._wants_logits(patch, skip_logits)):
+                outputs = model(**inputs)
+        finally:
+            self._stats = None
+        if stats is not None:
+            self._sink.record(stats, inputs)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if num_items_in_batch is not None and self._loss_scale != 1:
             loss = loss * self._loss_scale
