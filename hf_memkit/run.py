@@ -1,4 +1,6 @@
-"""``python -m hf_memkit.run [--nproc-per-node N] SCRIPT.py [script args incl. --memkit_recipe FILE]``."""
+"""``python -m hf_memkit.run [--nproc-per-node N] SCRIPT.py [script args incl. --memkit_recipe FILE]``, or
+``python -m hf_memkit.run LAUNCHER [its args incl. --memkit_recipe FILE]`` for ``trl``, ``accelerate``,
+``deepspeed``, ``torchrun`` (the recipe reaches the processes they start: integrations/relaunch.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="memkit run",
         description="Run an unmodified HF training script with an hf_memkit recipe applied to its Trainer.",
-        epilog="Example: memkit run run_clm.py --memkit_recipe recipes/lora.yaml --output_dir out --max_steps 10",
+        epilog="Examples: memkit run run_clm.py --memkit_recipe recipes/lora.yaml --output_dir out --max_steps 10\n"
+        "          memkit run trl sft --model_name_or_path M --dataset_name D --memkit_recipe lora ...\n"
+        "          memkit run accelerate launch --multi_gpu --num_processes 2 run_clm.py --use_cpu "
+        "--memkit_recipe lora ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (torchrun) on this machine")
-    parser.add_argument("script", help="the training script")
+    parser.add_argument("script", help="the training script, or a launcher: trl, accelerate, deepspeed, torchrun")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
     ns = parser.parse_args(argv)
     if ns.nproc_per_node < 1:
         parser.error("--nproc-per-node must be at least 1")
+    from .integrations.relaunch import RELAUNCHERS, is_python, resolve_program, run_launcher
+
+    if is_python(ns.script) and ns.script_args[:1] and os.path.isfile(ns.script_args[0]):
+        ns.script, ns.script_args = ns.script_args[0], ns.script_args[1:]  # `memkit run python x.py` = `x.py`
+    elif os.path.basename(ns.script) in RELAUNCHERS or (
+            not os.path.isfile(ns.script) and not ns.script.endswith(".py") and resolve_program(ns.script)):
+        if ns.nproc_per_node > 1:
+            parser.error(f"--nproc-per-node starts a script on N ranks; {ns.script} has its own flag for that")
+        return run_launcher(ns.script, ns.script_args)
     if ns.nproc_per_node > 1:
         from .errors import RecipeError
         from .integrations.launcher import FLAG, extract_recipe_flag

@@ -17,7 +17,7 @@ import logging
 import os
 import runpy
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..recipe import Recipe
 
@@ -42,6 +42,16 @@ def extract_recipe_flag(argv: list[str]) -> tuple[str | None, list[str]]:
         out.append(a)
         i += 1
     return recipe, out
+
+
+def extract_memkit_flags(argv: list[str]) -> tuple[Any, list[str]]:
+    """Split the technique flags (a :class:`~hf_memkit.recipe_flags.MemkitFlags`) out of ``argv``:
+    ``--memkit_<slot> VALUE``, ``--memkit_set T.S=V ...`` and ``--memkit.T.S VALUE`` (see
+    :mod:`hf_memkit.recipe_flags`). A stock script's parser would refuse them; a misspelt one close to a flag
+    name is a RecipeError with a did-you-mean."""
+    from ..recipe_flags import split_argv
+
+    return split_argv(argv)
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
@@ -80,8 +90,10 @@ def logging_to_stderr() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def recipe_installed(recipe: Recipe, keep_args: set[str] = frozenset()) -> Iterator[None]:
-    """While active, every ``transformers.Trainer`` built in this process applies ``recipe``."""
+def recipe_installed(recipe: Recipe, keep_args: set[str] = frozenset(),
+                     on_applied: Callable[[Any], None] | None = None) -> Iterator[None]:
+    """While active, every ``transformers.Trainer`` built in this process applies ``recipe``; ``on_applied`` is
+    called with each such Trainer once it is fully built (``memkit run`` with a launcher records it there)."""
     import transformers
 
     from .memkit_trainer import MemkitTrainer
@@ -107,6 +119,8 @@ def recipe_installed(recipe: Recipe, keep_args: set[str] = frozenset()) -> Itera
         finally:
             del self._memkit_launching
         attach(self, runtime)
+        if on_applied is not None:
+            on_applied(self)
 
     transformers.Trainer.__init__ = __init__
     try:
@@ -125,11 +139,13 @@ def run_script(script: str, script_args: list[str]) -> int:
     except SystemExit as exc:  # a flag without its value is a usage error (exit 2), like argparse's
         print(exc, file=sys.stderr)
         return 2
-    if recipe_path is None:
-        print(f"memkit run: no {FLAG} given; pass {FLAG} FILE after the script name", file=sys.stderr)
-        return 2
     try:
-        recipe = load_recipe(recipe_path)
+        flags, rest = extract_memkit_flags(rest)  # the technique flags win over the recipe, like training_args
+        if recipe_path is None and not flags:
+            print(f"memkit run: no {FLAG} given; pass {FLAG} FILE (or technique flags such as --memkit_optimizer "
+                  "adamw_8bit) after the script name", file=sys.stderr)
+            return 2
+        recipe = flags.apply(load_recipe(recipe_path) if recipe_path is not None else None)
     except RecipeError as exc:
         print(f"memkit run: the recipe is invalid, nothing was run.\n{exc}", file=sys.stderr)
         return 2
