@@ -3,6 +3,7 @@
     memkit train    [--model tiny|smollm2|PATH] [--recipe FILE] [--max-steps N] [--max-seq-len N]
                     [--output-dir DIR] [any TrainingArguments flag, e.g. --per_device_train_batch_size 2]
     memkit run      [--nproc-per-node N] SCRIPT.py [the script's args, including --memkit_recipe FILE]
+    memkit run      trl|accelerate|deepspeed|torchrun|python [their args, including --memkit_recipe FILE]
     memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N [--zero-stage S]]
                     [--json] [--plot PNG]
     memkit compare  RECIPE... [--model M] [--steps N] [--json] [--plot PNG]
