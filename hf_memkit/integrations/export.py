@@ -320,12 +320,28 @@ def card_info(model: Any, recipe: Any, fmt: str, metrics: dict[str, Any], writte
             techniques.append({"name": spec.name, "slot": spec.slot,
                                "version": entry.technique_cls.version if entry else "?",
                                "settings": spec.config.model_dump(mode="json")})
+    _calibration_as_run(model, techniques)
     groups = written.get("groups", {})
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     return {"model_name": os.path.basename(str(name).rstrip("/")) or str(name), "format": fmt,
             "summary": ", ".join(groups) + (f" + LoRC r{lorc['rank']}" if lorc else ""),
             "techniques": techniques, "recipe_yaml": recipe_yaml, "metrics": metrics,
             "quantized_layers": len(written.get("quantized_layers", [])), "groups": groups, "lorc": lorc}
+
+
+def _calibration_as_run(model: Any, techniques: list[dict[str, Any]]) -> None:
+    """The card states the calibration the pass really used (the compression report's line), not the config's
+    ``num_samples``/``seq_len``: with ``calibration: auto`` after training they are the training batches'."""
+    report = getattr(model, "_memkit_compress_report", None)
+    used = getattr(report, "calibration", None)
+    if not used or used == "none":
+        return
+    for t in techniques:
+        settings = t.get("settings", {})
+        if "seq_len" in settings and "num_samples" in settings:
+            settings.pop("seq_len")
+            settings.pop("num_samples")
+            settings["calibration_used"] = used
 
 
 def find_export(path: str) -> str:

@@ -7,6 +7,8 @@ Two sources: the run's training data (the Trainer's dataloader, captured by a ca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
@@ -64,10 +66,12 @@ def from_batches(batches: Iterable[dict], num_samples: int, seq_len: int, source
     rows: list[torch.Tensor] = []
     masks: list[torch.Tensor] | None = []
     for batch in batches:
-        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        # a collator's BatchEncoding is a Mapping, not a dict
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
         if ids is None:
+            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise IncompatibleModelError(
-                f"the calibration batches from {source} have no `input_ids` (keys: {sorted(batch) if isinstance(batch, dict) else type(batch).__name__}); "
+                f"the calibration batches from {source} have no `input_ids` (keys: {keys}); "
                 "calibrate on the embedded corpus instead (calibration: corpus)"
             )
         ids = torch.as_tensor(ids)

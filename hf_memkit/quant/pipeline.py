@@ -148,6 +148,7 @@ def _gptq_pass_(model: Any, targets: dict[str, Any], config: Any, calibration: "
                 report: PassReport, on_layer: OnLayer | None, key: str) -> None:
     from .gptq.gptq import HessianAccumulator, gptq_quantize
     from .layerwise import block_outputs, capture_block_inputs, find_blocks
+    from .progress import blocks_progress
 
     spec = config.spec()
     prefix, blocks = find_blocks(model, key)
@@ -156,7 +157,7 @@ def _gptq_pass_(model: Any, targets: dict[str, Any], config: Any, calibration: "
     try:
         inputs = capture_block_inputs(model, blocks[0], calibration)
         done = set()
-        for bi, block in enumerate(blocks):
+        for bi, block in enumerate(blocks_progress(blocks, f"{key}: GPTQ", len(blocks))):
             mine = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{bi}.")}
             if mine:
                 acc = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in mine.items()}

@@ -93,3 +93,20 @@ def test_no_temporary_folder_outlives_a_run_or_a_failed_run(recipe, extra, code,
                         "--no-eval-before", *extra], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == code, r.stderr[-2000:]
     assert sorted(os.listdir(tmp)) == []
+
+
+def test_the_card_and_the_compression_report_agree_on_the_calibration(tiny_model, tiny_dataset, tiny_tokenizer,
+                                                                         tmp_path):
+    """After training, gptq calibrates on the training batches (32 tokens here), not on the config's seq_len:
+    the card says what the report says."""
+    import json
+
+    recipe = {"compress": [{"gptq": {"bits": 4, "group_size": 32, "num_samples": 4}}],
+              "export": {"format": "compressed-tensors"}}
+    trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=1), train_dataset=tiny_dataset,
+                            processing_class=tiny_tokenizer, recipe=recipe)
+    trainer.train()
+    used = json.loads((tmp_path / "compression_report.json").read_text())["pass"]["calibration"]
+    assert "x 32 tokens" in used
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"calibration_used={used}" in card and "seq_len=512" not in card.split("## Recipe")[0]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..progress import blocks_progress
 from ..layerwise import BlockInputs, block_outputs, capture_block_inputs, find_blocks, run_block
 from ..linear import set_quantized_
 from .quantizer import FakeQuantLinear, quant_params
@@ -74,7 +75,7 @@ def block_ap_(model: Any, targets: dict[str, Any], config: Any, calibration: "Ca
         fp_in = captured.hidden
         quant_in = list(fp_in)
         kwargs = captured.kwargs
-        for bi, block in enumerate(blocks):
+        for bi, block in enumerate(blocks_progress(blocks, "Block-AP", len(blocks))):
             mine = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{bi}.")}
             fp_out = block_outputs(block, BlockInputs(fp_in, kwargs))
             if mine:
