@@ -24,6 +24,7 @@ _LAZY = {
     "detach_recipe": ("hf_memkit.integrations.trainer", "detach"),
     "MemkitTrainer": ("hf_memkit.integrations.memkit_trainer", "MemkitTrainer"),
     "MemkitTrainingArguments": ("hf_memkit.integrations.memkit_trainer", "MemkitTrainingArguments"),
+    "MemkitCallback": ("hf_memkit.integrations.callback", "MemkitCallback"),
     "parse_memkit_args": ("hf_memkit.recipe_flags", "parse_memkit_args"),
     "estimate_memory": ("hf_memkit.memory.estimate", "estimate_memory"),
     "MixLoraConfig": ("hf_memkit.adapters.mixlora.peft_config", "MixLoraConfig"),
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .integrations.callback import MemkitCallback
     from .integrations.memkit_trainer import MemkitTrainer, MemkitTrainingArguments
     from .recipe_flags import parse_memkit_args
     from .integrations.trainer import apply_recipe
