@@ -251,7 +251,7 @@ def split_argv(argv: list[str]) -> tuple[MemkitFlags, list[str]]:
         if name in by_name or name.startswith(DOTTED):
             if eq:
                 value, i = inline, i + 1
-            elif i + 1 < len(argv):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # "-1" is a value, "--seed" a flag
                 value, i = argv[i + 1], i + 2
             else:
                 raise RecipeError(f"{arg} needs a value", path="command line",

@@ -97,16 +97,17 @@ def test_the_merged_recipe_meets_the_compatibility_rules():
 def test_split_argv_takes_every_form_and_leaves_the_rest():
     argv = ["--a", "1", "--memkit_loss", "cce", "--memkit-optimizer=adamw_8bit", "--memkit.lisa.active_layers", "4",
             "--memkit.lisa.interval=3", "--memkit_set", "x.y=1", "z.w=[1, 2]", "--memkit_recipe", "r.yaml",
-            "--memkit_recipe_extra", "1", "--seed", "-1", "--memkit_schedule", "lisa"]
+            "--memkit_recipe_extra", "1", "--seed", "-1", "--memkit_schedule", "lisa", "--memkit.lisa.seed", "-2"]
     flags, rest = split_argv(argv)
     assert flags.slots == {"loss": "cce", "optimizer": "adamw_8bit", "schedule": "lisa"}
-    assert flags.settings == ["lisa.active_layers=4", "lisa.interval=3", "x.y=1", "z.w=[1, 2]"]
+    assert flags.settings == ["lisa.active_layers=4", "lisa.interval=3", "x.y=1", "z.w=[1, 2]", "lisa.seed=-2"]
     assert rest == ["--a", "1", "--memkit_recipe", "r.yaml", "--memkit_recipe_extra", "1", "--seed", "-1"]
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--memkit_loss"], ["--memkit_loss needs a value"]),
     (["--memkit.lisa.interval"], ["needs a value"]),
+    (["--memkit.lisa.interval", "--seed", "1"], ["--memkit.lisa.interval needs a value"]),
     (["--memkit_set", "--b"], ["needs TECHNIQUE.SETTING=VALUE"]),
     (["--memkit_los", "cce"], ["unknown flag --memkit_los", "did you mean --memkit_loss?"]),
 ])
