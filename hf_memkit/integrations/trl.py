@@ -114,6 +114,8 @@ class SFTMetricsSink:
         import torch
 
         trainer = self.trainer
+        if not hasattr(trainer, "_metrics") or not hasattr(trainer, "_total_train_tokens"):
+            return  # a TRL version that keeps its metrics elsewhere: nothing to feed
         mode = "train" if trainer.model.training else "eval"
         gather = trainer.accelerator.gather_for_metrics
         num_valid = gather(stats.count).sum()
@@ -141,8 +143,8 @@ class SFTMetricsSink:
 
 def metrics_sink(trainer: Any) -> SFTMetricsSink | None:
     """The sink for a host that logs token metrics from its loss (TRL's SFTTrainer and subclasses), else None."""
+    # by class only: under the launcher the wiring runs inside Trainer.__init__, before SFTTrainer creates
+    # `_metrics`, so the sink looks for it when it records
     if trl_trainer_name(trainer) not in NEXT_TOKEN_CE_TRAINERS:
         return None
-    if not hasattr(trainer, "_metrics") or not hasattr(trainer, "_total_train_tokens"):
-        return None  # a TRL version that keeps its metrics elsewhere: nothing to feed
     return SFTMetricsSink(trainer)

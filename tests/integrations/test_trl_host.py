@@ -147,17 +147,24 @@ def _logged(trainer):
     return [{k: h[k] for k in METRICS} for h in trainer.state.log_history if "entropy" in h]
 
 
-@pytest.mark.parametrize("recipe", [{"loss": {"cce": {}}}, "default"])
-def test_sft_metrics_under_cce_equal_trls_own(recipe, tiny_path, tiny_tokenizer, text_dataset, tmp_path):
+@pytest.mark.parametrize("recipe,route", [({"loss": {"cce": {}}}, "apply_recipe"), ({"loss": {"cce": {}}}, "launcher"),
+                                          ("default", "apply_recipe")])
+def test_sft_metrics_under_cce_equal_trls_own(recipe, route, tiny_path, tiny_tokenizer, text_dataset, tmp_path):
     from transformers import AutoModelForCausalLM
 
     runs = {}
     for name, rec in (("trl", None), ("cce", recipe)):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_path)  # no dropout in the tiny Llama (p = 0)
-        trainer = _sft(model, tiny_tokenizer, text_dataset, tmp_path / name, eval_dataset=text_dataset.select(range(8)))
-        if rec is not None:
-            apply_recipe(trainer, rec)
+        build = lambda: _sft(model, tiny_tokenizer, text_dataset, tmp_path / name,  # noqa: E731
+                             eval_dataset=text_dataset.select(range(8)))
+        if rec is not None and route == "launcher":  # wired inside Trainer.__init__, before SFTTrainer's metrics
+            with recipe_installed(load_recipe(rec)):
+                trainer = build()
+        else:
+            trainer = build()
+            if rec is not None:
+                apply_recipe(trainer, rec)
         trainer.train()
         runs[name] = (_logged(trainer), trainer.evaluate())
     (trl_logs, trl_eval), (cce_logs, cce_eval) = runs["trl"], runs["cce"]
