@@ -110,6 +110,9 @@ def recipe_installed(recipe: Recipe, keep_args: set[str] = frozenset(),
         params = bound.arguments
         optimizers = params.get("optimizers", (None, None))
         has_opt = (optimizers or (None, None))[0] is not None or params.get("optimizer_cls_and_kwargs") is not None
+        from .trl import check_adapter_host
+
+        check_adapter_host(params.get("model"), recipe, params.get("peft_config"))
         model, targs, runtime = prepare(params.get("model"), params.get("args"), recipe,
                                         trainer_has_optimizer=has_opt, keep_args=keep_args)
         params["model"], params["args"] = model, targs

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Any
 from pathlib import Path
 
 # programs known to re-launch themselves or their script: never run in this process, even given as a file path
@@ -97,7 +98,7 @@ def run_launcher(program: str, args: list[str]) -> int:
     """``memkit run PROGRAM ARGS...`` with the recipe in every Python process PROGRAM starts; the exit status."""
     from ..errors import RecipeError
     from ..recipe import load_recipe
-    from .launcher import FLAG, explicit_flags, extract_recipe_flag
+    from .launcher import FLAG, explicit_flags, extract_memkit_flags, extract_recipe_flag
 
     exe = resolve_program(program)
     if exe is None:
@@ -110,12 +111,13 @@ def run_launcher(program: str, args: list[str]) -> int:
     except SystemExit as exc:
         print(exc, file=sys.stderr)
         return 2
-    if given is None:
-        print(f"memkit run: no {FLAG} given; pass {FLAG} FILE among {os.path.basename(program)}'s arguments",
-              file=sys.stderr)
-        return 2
     try:
-        recipe = load_recipe(given)
+        flags, rest = extract_memkit_flags(rest)  # technique flags win over the recipe, as in a script run
+        if given is None and not flags:
+            print(f"memkit run: no {FLAG} given; pass {FLAG} FILE (or technique flags such as --memkit_optimizer "
+                  f"adamw_8bit) among {os.path.basename(program)}'s arguments", file=sys.stderr)
+            return 2
+        recipe = flags.apply(load_recipe(given) if given is not None else None)
     except RecipeError as exc:
         print(f"memkit run: the recipe is invalid, nothing was run.\n{exc}", file=sys.stderr)
         return 2
@@ -131,9 +133,19 @@ def run_launcher(program: str, args: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="memkit-run-") as markers:
         from .child_hook import child_env, read_markers
 
-        code = _call([exe, *rest], child_env(recipe_reference(given), explicit_flags(rest), markers))
+        reference = recipe_reference(given) if given is not None and not flags else _resolved(recipe, markers)
+        code = _call([exe, *rest], child_env(reference, explicit_flags(rest), markers))
         applied = read_markers(markers)
     return verdict(name, code, applied)
+
+
+def _resolved(recipe: Any, folder: str) -> str:
+    """The recipe with the command line's technique flags applied, as a file the children load."""
+    from ..atomic import write_text
+
+    path = os.path.join(folder, "recipe.yaml")
+    write_text(path, recipe.to_yaml())
+    return path
 
 
 def _call(cmd: list[str], env: dict) -> int:

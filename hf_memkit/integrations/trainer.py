@@ -363,6 +363,9 @@ def prepare(model: Any, args: Any, recipe: Recipe, *, trainer_has_optimizer: boo
             # asks before Trainer.__init__ refuses FSDP as "not distributed", so ask now (GPU runs do the same)
             _ = args.device
     if model is not None:
+        from .trl import check_adapter_host
+
+        check_adapter_host(model, recipe)  # TRL's peft_config and a recipe adapter would stack two adapters
         model = runtime.patch(model)
     return model, args, runtime
 
@@ -401,6 +404,9 @@ def apply_recipe(trainer: Any, recipe: "Recipe | str | dict") -> Any:
         trainer.args = new_args
         # gradient accumulation and mixed precision are baked into the accelerator at init: rebuild it
         trainer.create_accelerator_and_postprocess()
+    from .trl import check_adapter_host
+
+    check_adapter_host(trainer.model, recipe)
     model = runtime.patch(trainer.model)
     trainer.model = trainer.model_wrapped = model
     return attach(trainer, runtime)

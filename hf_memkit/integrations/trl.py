@@ -75,14 +75,15 @@ def check_loss_host(trainer: Any, key: str) -> None:
         )
 
 
-def check_adapter_host(model: Any, recipe: Any) -> None:
-    """Refuse a recipe ``adapter:`` on a model that already carries a PEFT adapter, which is what a TRL trainer
-    built with ``peft_config=...`` holds by the time the recipe patches it: two adapters would stack."""
+def check_adapter_host(model: Any, recipe: Any, peft_config: Any = None) -> None:
+    """Refuse a recipe ``adapter:`` on a model that already carries a PEFT adapter, or that a TRL trainer will
+    wrap with its ``peft_config=...``: two adapters would stack. Called before the recipe patches the model."""
     adapters = recipe.slot("adapter") if recipe is not None else []
-    if not adapters or not _is_peft_model(model):
+    if not adapters or (peft_config is None and not _is_peft_model(model)):
         return
     name = adapters[0].name
-    have = ", ".join(sorted(type(c).__name__ for c in getattr(model, "peft_config", {}).values())) or "a PEFT adapter"
+    configs = getattr(model, "peft_config", {}) if peft_config is None else {"": peft_config}
+    have = ", ".join(sorted(type(c).__name__ for c in configs.values())) or "a PEFT adapter"
     raise RecipeError(
         f"the model already carries a PEFT adapter ({have}: the TRL trainer's peft_config=..., or a PeftModel passed "
         f"in) and the recipe's adapter.{name} would stack a second adapter on it",

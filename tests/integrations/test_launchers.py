@@ -259,3 +259,25 @@ def test_trl_sft_two_cpu_ranks_trains_a_lora_adapter(e2e):
     assert not (out / "model.safetensors").exists(), "a full model was saved: the recipe did not apply"
     state = json.loads((out / "checkpoint-2" / "memkit_state" / "state.json").read_text())
     assert set(state["techniques"]) == {"adamw", "lora"}
+
+
+def test_technique_flags_reach_the_children_as_one_resolved_recipe(tmp_path, recipe_file, capsys):
+    """--memkit_<slot> and --memkit.T.S work through a launcher as in a script run: merged over the recipe,
+    validated before anything starts, handed to the children as a file, and stripped from their arguments."""
+    seen = tmp_path / "seen.json"
+    code = (f"import os, sys, json; open({str(seen)!r}, 'w').write(json.dumps("
+            f"[open(os.environ[{child_hook.ENV_RECIPE!r}]).read(), sys.argv[1:]]))")
+    relaunch.run_launcher(sys.executable, ["-c", code, "--memkit_recipe", str(recipe_file),
+                                           "--memkit_adapter", "lora", "--memkit.lora.r", "4", "--x", "1"])
+    text, argv = json.loads(seen.read_text())
+    from hf_memkit import load_recipe
+
+    resolved = load_recipe(text)
+    assert resolved.get("lora").config.r == 4 and argv == ["--x", "1"]
+
+
+def test_a_misspelt_technique_flag_is_refused_before_the_launcher_starts(monkeypatch, capsys):
+    monkeypatch.setattr(relaunch, "_call", lambda *a: pytest.fail("the launcher was started"))
+    assert relaunch.run_launcher(sys.executable, ["-c", "pass", "--memkit_adapter", "lorra"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'lora'" in err and "Traceback" not in err

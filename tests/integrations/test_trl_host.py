@@ -305,7 +305,7 @@ def test_peft_config_with_a_recipe_adapter_stops_before_training(route, tiny_mod
         return _sft(tiny_model, tiny_tokenizer, text_dataset, tmp_path, peft_config=LoraConfig(r=4,
                                                                                               task_type="CAUSAL_LM"))
 
-    with pytest.raises(MemkitError, match="already carries a PEFT adapter"):
+    with pytest.raises(RecipeError, match="(?s)already carries a PEFT adapter.*drop peft_config"):
         if route == "launcher":
             with recipe_installed(load_recipe(LORA_8BIT)):
                 build()

@@ -29,6 +29,10 @@ class MixLoraTechnique(Technique):
 
         return wrap_with_peft(model, mixlora_config(self.config.peft_kwargs()), f"adapter.{self.name}")
 
+    #: the router balance term reads the routers' own statistics, never the model outputs (asking a TRL host
+    #: for outputs costs a second forward pass)
+    extra_loss_needs_outputs: ClassVar[bool] = False
+
     def extra_loss(self, model: Any, inputs: dict, outputs: Any):
         from .layers import router_loss
 
