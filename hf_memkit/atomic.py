@@ -40,20 +40,8 @@ def _fsync_dir(path: "str | os.PathLike[str]") -> None:
 @contextlib.contextmanager
 def atomic_file(path: "str | os.PathLike[str]", mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """``with atomic_file(p) as f: f.write(...)`` — ``p`` appears complete at exit, or not at all on error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+        yield f
 
 
 @contextlib.contextmanager

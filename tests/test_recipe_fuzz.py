@@ -23,6 +23,7 @@ from hypothesis.control import currently_in_test_context
 from hf_memkit import RecipeError, load_recipe
 from hf_memkit.data.recipes import recipes_dir
 from hf_memkit.errors import MAX_MESSAGE_CHARS
+from tests.test_recipe_errors import _at, _paths  # locations in a parsed recipe, shared with the error tests
 
 TEXTS = [p.read_text(encoding="utf-8") for p in sorted(recipes_dir().glob("*.yaml"))]
 DICTS = [yaml.safe_load(t) for t in TEXTS]
@@ -134,23 +135,6 @@ def mutated_texts(draw) -> str:
                 a, b = spans[0]
                 lines[i] = line[:a] + draw(st.sampled_from(["[x]", "{}", "x", "3", "[{}]", "{a: {b: {c: d}}}"]))
     return "\n".join(lines) + "\n"
-
-
-def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, prefix + (i,))
-    return out
-
-
-def _at(obj: Any, path: tuple) -> Any:
-    for p in path:
-        obj = obj[p]
-    return obj
 
 
 PY_VALUES = st.one_of(
