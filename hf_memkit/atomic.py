@@ -107,50 +107,70 @@ def clean_leftovers(target: "str | os.PathLike[str]") -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def replace_dir(staged: "str | os.PathLike[str]", target: "str | os.PathLike[str]") -> None:
-    """Move the complete folder ``staged`` to ``target``; an existing ``target`` is replaced, never merged."""
+def replace_dir(staged: "str | os.PathLike[str]", target: "str | os.PathLike[str]", *,
+                pause: str | None = None) -> None:
+    """Move the complete folder ``staged`` to ``target``; an existing ``target`` is replaced, never merged. When
+    the second rename fails the old folder is put back at once, and a crash between the two renames is undone by
+    :func:`recover_dir` on the next write. ``pause`` names a fault-test pause point between the renames."""
     staged, target = Path(staged), Path(target).absolute()
     old = None
     if target.exists() or target.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD_MARK}", dir=target.parent))
         os.rmdir(old)
         os.replace(target, old)
-    os.replace(staged, target)
+    try:
+        if pause is not None:
+            pause_point(pause)
+        os.replace(staged, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(target: "str | os.PathLike[str]") -> Iterator[Path]:
+def atomic_dir(target: "str | os.PathLike[str]", *, fault_points: bool = False) -> Iterator[Path]:
     """``with atomic_dir(out) as tmp: write into tmp`` — at exit ``out`` is replaced by the finished folder; on an
-    error ``out`` is untouched and the temporary folder removed."""
+    error ``out`` is untouched and the temporary folder removed. A folder an earlier crash left moved aside is
+    put back first (:func:`recover_dir`), other leftovers removed. ``fault_points`` adds the fault-test pause
+    points ``staged`` (the folder is written) and ``publish`` (between the two renames)."""
+    recover_dir(target)
     clean_leftovers(target)
     tmp = temp_sibling(target)
     try:
         yield tmp
-        replace_dir(tmp, target)
+        if fault_points:
+            pause_point("staged")
+        replace_dir(tmp, target, pause="publish" if fault_points else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 # ------------------------------------------------------------------------------------------------------------
-# additions for exports: a swap that puts the old folder back, recovery after a crash, fault-test pause points
+# fault-test pause points, recovery after a crash
 
 PAUSE_ENV = "HF_MEMKIT_TEST_PAUSE"
 
 
-def pause_point(phase: str) -> None:
-    """Fault tests: with ``HF_MEMKIT_TEST_PAUSE=<phase>`` the process announces the phase on stderr and sleeps, so
-    a test can kill it exactly there. Costs one environment lookup otherwise."""
-    if os.environ.get(PAUSE_ENV) == phase:
-        import sys
-        import time
+def pause_point(phase: str, step: int | None = None, env: str = PAUSE_ENV) -> None:
+    """Fault tests: with ``<env>=<phase>`` (or ``<phase>@<min step>``) the process announces the phase (and step)
+    on stderr and sleeps, so a test can kill it exactly there. Costs one environment lookup otherwise."""
+    spec = os.environ.get(env)
+    if not spec:
+        return
+    want, _, at = spec.partition("@")
+    if want != phase or (at and step is not None and step < int(at)):
+        return
+    import sys
+    import time
 
-        sys.stderr.write(f"HF_MEMKIT_PAUSED {phase}\n")
-        sys.stderr.flush()
-        time.sleep(3600)
+    sys.stderr.write(f"HF_MEMKIT_PAUSED {phase}" + (f" {step}" if step is not None else "") + "\n")
+    sys.stderr.flush()
+    time.sleep(3600)
 
 
 def recover_dir(target: "str | os.PathLike[str]") -> bool:
@@ -165,39 +185,3 @@ def recover_dir(target: "str | os.PathLike[str]") -> bool:
     os.replace(olds[0], target)
     _fsync_dir(target.parent)
     return True
-
-
-def publish_dir(staged: "str | os.PathLike[str]", target: "str | os.PathLike[str]") -> None:
-    """:func:`replace_dir`, except that when the second rename fails the old folder is put back at once (and a
-    crash between the two renames is undone by :func:`recover_dir` on the next write)."""
-    staged, target = Path(staged), Path(target).absolute()
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{OLD_MARK}", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-    try:
-        pause_point("publish")
-        os.replace(staged, target)
-    except BaseException:
-        if old is not None and not target.exists():
-            os.replace(old, target)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def staged_dir(target: "str | os.PathLike[str]") -> Iterator[Path]:
-    """:func:`atomic_dir` with crash recovery first and :func:`publish_dir` at the end."""
-    recover_dir(target)
-    clean_leftovers(target)
-    tmp = temp_sibling(target)
-    try:
-        yield tmp
-        pause_point("staged")
-        publish_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from . import errors
 from .errors import CheckpointError
 
 #: the fix shared by every corrupt-state error: the state cannot be repaired from inside the run
@@ -19,11 +20,11 @@ DEFAULT_FIX = ("resume from another checkpoint written by this recipe (or start 
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
-    """A tensor as its dtype and shape, anything else as a repr cut to ``limit`` characters."""
+    """A tensor as its dtype and shape, anything else as :func:`hf_memkit.errors.short_repr` gives it (bounded
+    however large the value read from the file is)."""
     if type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "shape"):
         return f"tensor(dtype={value.dtype}, shape={tuple(value.shape)})"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return errors.short_repr(value, limit)
 
 
 #: "read the value from the state" (a value of None is itself checked, as a bad value)

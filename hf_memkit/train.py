@@ -68,9 +68,9 @@ def _parse_flags(extra: list[str], output_dir: str) -> Any:
     flags = [a for a in rest if a.startswith("-")]
     if flags or rest:
         bad = (flags or rest)[0]
-        known = [f"--{f.name}" for f in dataclasses.fields(TrainingArguments)]
-        close = difflib.get_close_matches(bad.split("=", 1)[0].replace("-", "_").replace("__", "--", 1), known, 1)
-        hint = f"did you mean {close[0]}? " if close else ""
+        name = bad.split("=", 1)[0].lstrip("-").replace("-", "_")
+        close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(TrainingArguments)], 1)
+        hint = f"did you mean --{close[0]}? " if close else ""
         raise MemkitError(f"unknown argument {bad!r}: neither a memkit train option nor a TrainingArguments field\n"
                           f"  fix: {hint}see `memkit train --help`")
     return args
@@ -130,20 +130,20 @@ def check_output_dir(output_dir: str, resume: Any, overwrite: bool) -> None:
 
 def resolve_resume(value: Any, output_dir: str) -> "str | bool | None":
     """``--resume_from_checkpoint``: a checkpoint folder, or true/last for the newest complete one in the
-    output directory; checked before any model loads."""
+    output directory; checked before any model loads, with the wiring's own completeness rules."""
+    from .integrations.checkpoints import incomplete_reason, last_complete_checkpoint
+
     if value in (None, "", False):
         return None
     text = str(value)
     if text.lower() in ("true", "last", "latest", "1"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise MemkitError(f"--resume_from_checkpoint {text}: {output_dir} holds no checkpoint-* folder\n"
-                              "  fix: train without it, or pass the checkpoint folder itself")
+        if last_complete_checkpoint(output_dir, stateful=False) is None:
+            raise MemkitError(f"--resume_from_checkpoint {text}: {output_dir} holds no checkpoint-* folder that "
+                              "can be resumed\n  fix: train without it, or pass the checkpoint folder itself")
         return True
-    if not os.path.isdir(text) or not os.path.isfile(os.path.join(text, "trainer_state.json")):
-        raise MemkitError(f"--resume_from_checkpoint {text}: not a checkpoint folder (no trainer_state.json)\n"
+    reason = incomplete_reason(text, stateful=False)
+    if reason is not None:
+        raise MemkitError(f"--resume_from_checkpoint {text}: not a checkpoint folder ({reason})\n"
                           "  fix: pass a checkpoint-N folder written by a run with --save_strategy steps")
     return text
 

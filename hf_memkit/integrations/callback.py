@@ -151,15 +151,14 @@ class MemkitCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         optimizer = kwargs.get("optimizer")
         self._patch(args, kwargs.get("model"), optimizer)
-        stateful = [t.name for t in self.runtime.techniques if t.state_dict()]
+        stateful = self.runtime.stateful()
         if state.global_step > 0 and stateful:
             logger.warning("hf_memkit: MemkitCallback resumes at step %d without the state of %s (a callback "
                            "cannot store it in checkpoints); use MemkitTrainer for an exact resume",
                            state.global_step, ", ".join(stateful))
-        for t in self.runtime.techniques:  # the hook MemkitTrainer calls once the optimizer exists
-            ready = getattr(t, "optimizer_ready", None)
-            if ready is not None and optimizer is not None:
-                ready(optimizer, args, state)
+        if optimizer is not None:
+            for t in self.runtime.techniques:  # the hook MemkitTrainer calls once the optimizer exists
+                t.optimizer_ready(optimizer, args, state)
         return self._forward("on_train_begin", args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

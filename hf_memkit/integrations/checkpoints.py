@@ -19,7 +19,7 @@ Resume (:func:`last_complete_checkpoint`): the newest ``checkpoint-N`` that is c
 transformers "incomplete" sentinel, ``memkit_state/state.json`` when the recipe keeps state); incomplete ones
 (crashes of older versions, a plain Trainer's partial write) are skipped with a warning.
 
-Test hook: ``HF_MEMKIT_TEST_PAUSE_SAVE=<phase>[@<min step>]`` prints ``HF_MEMKIT_PAUSED <phase> <step>`` and
+Test hook: ``HF_MEMKIT_TEST_PAUSE_SAVE=<phase>[@<min step>]`` prints ``HF_MEMKIT_PAUSED <phase> <step>`` (stderr) and
 sleeps at that phase of the save, so a fault test can SIGKILL the process exactly there. Phases, in order:
 :data:`PAUSE_PHASES`.
 """
@@ -31,11 +31,11 @@ import logging
 import os
 import re
 import shutil
-import sys
-import time
 from typing import Any, Callable, Iterator
 
+from .. import atomic
 from ..atomic import TMP_MARK, replace_dir
+from .memkit_state import STATE_DIR, STATE_JSON
 
 logger = logging.getLogger("hf_memkit")
 
@@ -53,15 +53,7 @@ PAUSE_PHASES = ("model_written", "trainer_written", "state_written", "published"
 
 def pause_point(phase: str, step: int) -> None:
     """Test hook (see the module docstring); a no-op unless the environment variable names this phase."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    want, _, at = spec.partition("@")
-    if want != phase or (at and step < int(at)):
-        return
-    print(f"HF_MEMKIT_PAUSED {phase} {step}", flush=True)
-    sys.stderr.flush()
-    time.sleep(3600)
+    atomic.pause_point(phase, step, env=PAUSE_ENV)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -191,8 +183,8 @@ def incomplete_reason(path: str, stateful: bool) -> str | None:
         return f"transformers marked it incomplete ({INCOMPLETE_SENTINEL})"
     if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
         return f"it has no {TRAINER_STATE}"
-    state_dir = os.path.join(path, "memkit_state")
-    if (stateful or os.path.isdir(state_dir)) and not os.path.isfile(os.path.join(state_dir, "state.json")):
+    state_dir = os.path.join(path, STATE_DIR)
+    if (stateful or os.path.isdir(state_dir)) and not os.path.isfile(os.path.join(state_dir, STATE_JSON)):
         return "it has no memkit_state/state.json (the save was interrupted before the technique state was written)"
     return None
 

@@ -81,11 +81,11 @@ def export_target(output_dir: str, sub: str) -> str:
 def staged_export(out_dir: str, *, overwrite: bool = False, replace_own: bool = True) -> Iterator[str]:
     """``with staged_export(d) as tmp:`` write the export into ``tmp``; at exit it gets its manifest and replaces
     ``d`` whole. On an error ``d`` is untouched."""
-    from ..atomic import pause_point, staged_dir
+    from ..atomic import atomic_dir, pause_point
     from .hub import write_manifest
 
     check_output_dir(out_dir, overwrite=overwrite, replace_own=replace_own)
-    with staged_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, fault_points=True) as tmp:
         yield str(tmp)
         pause_point("export:manifest")
         write_manifest(str(tmp))

@@ -21,12 +21,10 @@ from typing import Any
 from ..errors import CheckpointError, RecipeError
 from ..recipe import Recipe, load_recipe
 from ..technique import PatchHandle, Technique, ValidationContext
+from .memkit_state import STATE_DIR, STATE_JSON, STATE_TENSORS  # noqa: F401  (re-exported: the layout's names)
 
 logger = logging.getLogger("hf_memkit")
 
-STATE_DIR = "memkit_state"
-STATE_JSON = "state.json"
-STATE_TENSORS = "tensors.safetensors"
 #: patch order: adapters first (they decide what trains), optimizers never patch the model
 PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "distributed", "compress", "optimizer", "guard")
 
@@ -74,14 +72,20 @@ class RecipeRuntime:
                      extra_engine="ddp" if engine == "co2" else None)
 
     # patch ----------------------------------------------------------------------------------------------------
+    def patching(self) -> list[str]:
+        """The techniques that patch the model (override ``patch_model``)."""
+        return [t.name for t in self.techniques if type(t).patch_model is not Technique.patch_model]
+
     def patch(self, model: Any) -> Any:
         if self.handles:
             raise RuntimeError("this recipe is already applied to a model; build a new runtime for another")
         self.original_model = model
+        from .trl import check_adapter_host
         from .versions import warn_unverified
 
         warn_unverified(self.techniques)
-        patching = [t.name for t in self.techniques if type(t).patch_model is not Technique.patch_model]
+        check_adapter_host(model, self.recipe)  # TRL's peft_config and a recipe adapter would stack two adapters
+        patching = self.patching()
         if patching:
             from .hub_kernels import disable_hub_kernels
 
@@ -345,7 +349,7 @@ def prepare(model: Any, args: Any, recipe: Recipe, *, trainer_has_optimizer: boo
             keep_args: set[str] = frozenset()) -> tuple[Any, Any, RecipeRuntime]:
     """Before ``Trainer.__init__``: validate, apply training_args, patch the model."""
     runtime = RecipeRuntime(recipe)
-    patching = [t.name for t in runtime.techniques if type(t).patch_model is not Technique.patch_model]
+    patching = runtime.patching()
     if model is None and patching:
         raise RecipeError(
             f"the techniques {', '.join(patching)} patch the model, but the Trainer was given no model "
@@ -363,9 +367,6 @@ def prepare(model: Any, args: Any, recipe: Recipe, *, trainer_has_optimizer: boo
             # asks before Trainer.__init__ refuses FSDP as "not distributed", so ask now (GPU runs do the same)
             _ = args.device
     if model is not None:
-        from .trl import check_adapter_host
-
-        check_adapter_host(model, recipe)  # TRL's peft_config and a recipe adapter would stack two adapters
         model = runtime.patch(model)
     return model, args, runtime
 
@@ -404,9 +405,6 @@ def apply_recipe(trainer: Any, recipe: "Recipe | str | dict") -> Any:
         trainer.args = new_args
         # gradient accumulation and mixed precision are baked into the accelerator at init: rebuild it
         trainer.create_accelerator_and_postprocess()
-    from .trl import check_adapter_host
-
-    check_adapter_host(trainer.model, recipe)
     model = runtime.patch(trainer.model)
     trainer.model = trainer.model_wrapped = model
     return attach(trainer, runtime)
