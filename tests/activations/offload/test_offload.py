@@ -194,8 +194,8 @@ def test_release_host_memory_fixes_the_mmap_threshold_in_a_fresh_process(tmp_pat
             return int(open("/proc/self/statm").read().split()[1]) * 4096
         if sys.argv[1] == "fix":
             assert fix_mmap_threshold(1 << 20)
-        for _ in range(3):  # free blocks of 4 MiB: glibc's dynamic threshold rises past them
-            torch.empty(1 << 20).fill_(1)
+        for _ in range(3):  # free 16 MiB blocks: glibc's dynamic threshold rises past the 4 MiB ones below (a
+            torch.empty(4 << 20).fill_(1)  # 4 MiB block could be served from a hole the imports left, not mmapped)
         keep = [torch.empty(1 << 20).fill_(1) for _ in range(64)]  # 256 MiB of 4 MiB blocks
         hold = torch.empty(128 * 1024).fill_(1)  # 512 KiB, heap in both modes, allocated last: pins the heap top
         before = rss()
