@@ -157,6 +157,13 @@ class Technique:
     def callbacks(self) -> list:
         return []
 
+    def wrap_optimizer(self, optimizer: Any, model: Any, args: Any) -> Any:
+        """Return the optimizer the run uses in place of ``optimizer`` (or ``optimizer`` itself). Called once the
+        optimizer exists, before ``optimizer_ready``: every technique outside the optimizer slot first, in
+        recipe order (the precision slot writes 16-bit weights back), then the optimizer slot's own technique
+        (gradient release wraps last, so it drives whatever the others built)."""
+        return optimizer
+
     def optimizer_ready(self, optimizer: Any, args: Any, state: Any) -> None:
         """Called once the run's optimizer exists, before the Trainer announces the run: schedules set the
         parameters that train first (so the Trainer's trainable-parameter count is the real one)."""

@@ -278,6 +278,16 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
             optimizer = trainer.optimizer
         else:
             optimizer = originals["create_optimizer"](model) if model is not None else originals["create_optimizer"]()
+        if not getattr(optimizer, "_memkit_wrapped", False):
+            order = [t for t in runtime.techniques if t.slot != "optimizer"] + [
+                t for t in runtime.techniques if t.slot == "optimizer"]
+            for t in order:
+                optimizer = t.wrap_optimizer(optimizer, trainer.model, trainer.args)
+            try:
+                optimizer._memkit_wrapped = True
+            except AttributeError:  # pragma: no cover - optimizers with __slots__
+                pass
+            trainer.optimizer = optimizer
         for t in runtime.techniques:
             t.optimizer_ready(optimizer, trainer.args, trainer.state)
         if trainer.args.should_log:
