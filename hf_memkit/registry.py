@@ -32,6 +32,7 @@ SLOTS: dict[str, bool] = {
     "compress": True,
     "distributed": False,
     "guard": True,
+    "precision": False,
 }
 
 #: modules whose import registers the built-in techniques (kept cheap: no torch at module level)
@@ -65,6 +66,7 @@ _BUILTIN_MODULES = (
     "hf_memkit.distributed.fsdp.technique",
     "hf_memkit.distributed.co2.technique",
     "hf_memkit.guards.divergence.technique",
+    "hf_memkit.precision.bf16.technique",
 )
 
 

@@ -163,12 +163,21 @@ def resolve_config(model: Any):
     return AutoConfig.from_pretrained(resolve_model_path(str(model)))
 
 
-def load_model_and_tokenizer(model: str, dtype: str | None = None):
+def load_model_and_tokenizer(model: str, dtype: "str | Any | None" = None):
+    """(model, tokenizer) of a named or local model. ``dtype`` (``torch.bfloat16`` or ``"bfloat16"``; None = the
+    checkpoint's default, fp32) loads the weights straight in that dtype: with a recipe that stores weights in 16
+    bits, pass ``hf_memkit.precision.bf16.loading.load_dtype(recipe)`` and no fp32 copy of the weights is ever
+    made (the patch only widens norms and biases)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model)
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ModelSourceError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16' or 'float32'")
+        dtype = resolved
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

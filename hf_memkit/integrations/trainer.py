@@ -25,8 +25,11 @@ from .memkit_state import STATE_DIR, STATE_JSON, STATE_TENSORS  # noqa: F401  (r
 
 logger = logging.getLogger("hf_memkit")
 
-#: patch order: adapters first (they decide what trains), optimizers never patch the model
-PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "distributed", "compress", "optimizer", "guard")
+#: patch order: adapters first (they decide what trains), optimizers never patch the model; precision after the
+#: adapter (it stores the LoRA base layers in 16 bits, the adapters stay fp32) and after the loss (whose probe
+#: compares the model's own logits with lm_head's while the weights are still as loaded)
+PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "precision", "distributed", "compress", "optimizer",
+               "guard")
 
 
 class RecipeRuntime:

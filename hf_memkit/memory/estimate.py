@@ -24,7 +24,7 @@ from .activations import add_activation_terms
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 #: hooks run in this slot order: adapters decide what trains before optimizers size their state
-ESTIMATE_ORDER = ("adapter", "schedule", "distributed", "optimizer", "loss", "activations", "compress")
+ESTIMATE_ORDER = ("adapter", "schedule", "distributed", "optimizer", "precision", "loss", "activations", "compress")
 
 
 @dataclass

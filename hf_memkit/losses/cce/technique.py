@@ -62,7 +62,10 @@ class CCETechnique(Technique):
         """No N×V tensor is saved (``logits`` drops to 0). What the fused forward keeps for backward is dE (the
         gradient of the final hidden states, the size of lm_head's input that the plain path saves instead);
         dC/dbias of a trained lm_head are its gradient buffers (counted under gradients); the transient
-        ``loss_buffers`` become O(N) + one logit chunk + O(V)."""
+        ``loss_buffers`` become O(N) + one logit chunk + O(V). A 16-bit lm_head (a bf16 model, or
+        ``precision: {bf16: {}}``) is upcast block by block with dC rounded per block
+        (:mod:`hf_memkit.ops.linear_cross_entropy.blocked`): its terms are two fp32 weight blocks and one logit
+        tile, no fp32 copy of lm_head and no (V, D) fp32 dC."""
         import torch
 
         from ...integrations.causal_lm import base_and_head, logit_transform
@@ -92,12 +95,21 @@ class CCETechnique(Technique):
         mem.add("activations", saved, self.name, "dE formed in the fused forward, held until backward")
 
         per_token = 4 + 4 + 8 + 8  # log-sum-exp, target logit (fp32), row index and shifted target (int64)
-        transient = tokens * per_token + chunk_bytes(tokens, vocab, torch.float32, budget, softcap)
-        transient += vocab * (4 + 4 + 8)  # per-vocabulary logit sums, sort order, argsort scratch (Triton)
-        note = "transient: O(N) buffers + one logit chunk + O(V) sort"
-        if d < 4:  # fp32 accumulators for 16-bit models, and the torch path's fp32 copy of lm_head
-            transient += tokens * hidden * 4 + vocab * hidden * 4 * (2 if head_trains else 1)
-            note += " + fp32 accumulators"
+        transient = tokens * per_token + vocab * (4 + 4 + 8)  # + per-vocabulary logit sums, sort order (Triton)
+        head_16 = p is not None and p.storage_bytes < 4 * p.numel  # a bf16 model, or precision.bf16's storage
+        if head_16 or d < 4:
+            # 16-bit lm_head: weight blocks upcast one at a time, dC rounded block by block, dE in fp32
+            # (ops/linear_cross_entropy/blocked.py): no fp32 copy of lm_head and no (V, D) fp32 dC
+            from ...ops.linear_cross_entropy.blocked import transient_bytes
+
+            # dE is the saved activation counted above when the hidden states are fp32; a transient fp32 buffer
+            # (cast to the hidden states' dtype) otherwise
+            transient += transient_bytes(tokens, vocab, hidden, torch.float32, budget, softcap, need_e=d < 4,
+                                         need_c=head_trains)
+            note = "transient: O(N) buffers + one logit tile + fp32 weight blocks"
+        else:
+            transient += chunk_bytes(tokens, vocab, torch.float32, budget, softcap)
+            note = "transient: O(N) buffers + one logit chunk + O(V) sort"
         mem.replace_category("loss_buffers", transient, self.name, note)
 
     # 3 ----------------------------------------------------------------------------------------------------------

@@ -123,7 +123,10 @@ class _ScalarLossWithGrads(torch.autograd.Function):
         # returning gradients scaled twice
         out = []
         for t in ctx.saved_tensors:
-            out.append(None if t is None else t.mul_(grad.to(t.dtype)))
+            # a 16-bit dC (a 16-bit classifier under fp32 hidden states) is scaled by the fp32 upstream gradient
+            # in fp32 and rounded once more: exact for the usual upstream 1, within one ulp otherwise
+            out.append(None if t is None else t.mul_(grad if t.element_size() < grad.element_size()
+                                                     else grad.to(t.dtype)))
         return out[0], out[1], out[2], None, None, None, None
 
 
@@ -261,6 +264,14 @@ def linear_cross_entropy(
       torch pass does. None (default): not computed.
 
     Accumulation is in fp32 (fp64 for fp64 inputs); the loss is returned in that dtype.
+
+    A 16-bit ``c`` with fp32 ``e`` (16-bit weight storage, fp32 compute: ``precision: {bf16: {}}``) is computed
+    in fp32 without an fp32 copy of ``c``: the torch path upcasts it block by block and rounds dC into a 16-bit
+    tensor block by block (:mod:`.blocked`; the logits are computed twice unless one tile holds the whole
+    problem), the Triton kernels upcast each tile as they load it but accumulate dC in an fp32 (V, D) buffer
+    (their atomic adds need one). ``filter_eps="auto"`` follows ``e``'s dtype there (no filtering for fp32). For a
+    scalar loss dC is rounded to 16 bits in the forward; an upstream gradient other than 1 rescales it there
+    (one more rounding, within one ulp in all).
     """
     k = _check(e, c, targets, bias, reduction, shift, softcap, z_loss, num_items_in_batch, filter_eps)
     if token_stats is not None and not isinstance(token_stats, TokenStats):
@@ -268,6 +279,9 @@ def linear_cross_entropy(
             f"linear_cross_entropy: token_stats must be a TokenStats (or None), got {type(token_stats).__name__}")
     in_dtype = e.dtype if e.element_size() <= c.element_size() else c.dtype
     chosen = resolve_impl(impl, e.device, in_dtype)
+    # a 16-bit classifier with fp32 hidden states (16-bit weight storage, fp32 compute) keeps fp32 numerics:
+    # gradient filtering follows the hidden states' dtype, and no backend makes an fp32 copy of c
+    wide_e = e.element_size() > c.element_size()
     backend = _backend(chosen)
     cdt = compute_dtype_of(e.dtype, c.dtype)
 
@@ -286,13 +300,16 @@ def linear_cross_entropy(
                 f"padding with ignore_index={ignore_index} or fix the labels"
             )
     y = y.long()
-    if chosen == "triton" and e.dtype != c.dtype:  # as autocast would: compute in the narrower dtype
-        e2, c = (e2, c.to(e2.dtype)) if e2.element_size() < c.element_size() else (e2.to(c.dtype), c)
+    if chosen == "triton" and e.dtype != c.dtype and not wide_e:
+        # as autocast would: compute in the narrower dtype (16-bit hidden states, wider classifier). The other
+        # way round (fp32 e, 16-bit c) the kernels upcast each c tile as they load it
+        e2, c = e2, c.to(e2.dtype)
         if bias is not None:
             bias = bias.to(e2.dtype)
     budget = int(memory_budget) if memory_budget else default_budget(e.device, V, D)
+    eps = resolve_filter_eps(filter_eps, e.dtype if wide_e else in_dtype)
     prob = LCEProblem(e2, c, bias, rows, y, float(softcap) if softcap is not None else None, float(z_loss),
-                      resolve_filter_eps(filter_eps, in_dtype), budget, cdt, vocab_sort, token_stats)
+                      eps, budget, cdt, vocab_sort, token_stats)
     if token_stats is not None:
         token_stats.zero(e.device)  # defined sums even when no target counts; the passes add to them
 

@@ -6,7 +6,8 @@ recomputes the logits chunk by chunk from the saved log-sum-exp. For a scalar lo
 backward in a single sweep (each logit chunk is computed once and immediately turned into its gradient).
 
 Chunk sizes come from a memory budget in bytes (:func:`plan_chunks`), never from a constant. All accumulation
-is in fp32 (fp64 for fp64 inputs); 16-bit inputs are upcast chunk by chunk.
+is in fp32 (fp64 for fp64 inputs); 16-bit hidden states are upcast chunk by chunk, and a 16-bit classifier
+goes to :mod:`.blocked` (upcast block by block, dC rounded block by block: no V×D fp32 tensor).
 
 Also here: :func:`naive_linear_cross_entropy`, the materialised path (``F.cross_entropy`` on ``e @ c.T``), the
 yardstick of the tests and the benchmark.
@@ -210,8 +211,18 @@ def _score_to_grad(s: torch.Tensor, t: torch.Tensor | None, coef: torch.Tensor |
 # the three entry points of the torch backend
 
 
+def _blocked(p: LCEProblem) -> bool:
+    """A 16-bit classifier goes to :mod:`.blocked` (block-wise upcast, no fp32 copy of ``c``, no fp32 (V, D) dC
+    accumulator)."""
+    return p.c.element_size() < torch.finfo(p.compute_dtype).bits // 8
+
+
 def lse_and_target(p: LCEProblem) -> tuple[torch.Tensor, torch.Tensor]:
     """Per valid row: log-sum-exp over the vocabulary and the target logit, both (n,) in the compute dtype."""
+    if _blocked(p):
+        from . import blocked
+
+        return blocked.lse_and_target(p)
     cdt, n, V = p.compute_dtype, p.n, p.vocab
     lse = torch.empty(n, dtype=cdt, device=p.e.device)
     z = torch.empty(n, dtype=cdt, device=p.e.device)
@@ -253,6 +264,10 @@ def grads(p: LCEProblem, lse: torch.Tensor, row_scale: torch.Tensor, need_e: boo
     chunk by chunk from the saved log-sum-exp. ``row_scale`` is the upstream gradient: (n,) per row or a scalar.
     ``vocab_order`` is ignored: the torch path filters per column, where the order of the vocabulary does not
     matter."""
+    if _blocked(p):
+        from . import blocked
+
+        return blocked.grads(p, lse, row_scale, need_e, need_c, need_bias)
     cdt, n, V = p.compute_dtype, p.n, p.vocab
     sink = _GradSink(p, need_e, need_c, need_bias)
     if n == 0:
@@ -292,6 +307,10 @@ def fused(p: LCEProblem, scale: torch.Tensor, need_e: bool, need_c: bool, need_b
     softmax and gradient in place — three matmuls in all, as many as the materialised path. Otherwise the
     log-sum-exp is found first (online over vocabulary chunks) and the gradients recomputed.
     Returns (loss_sum, lse, dE, dC, dbias)."""
+    if _blocked(p):
+        from . import blocked
+
+        return blocked.fused(p, scale, need_e, need_c, need_bias)
     cdt, n, V = p.compute_dtype, p.n, p.vocab
     plan = plan_chunks(n, V, cdt, p.budget, 2 if p.softcap is not None else 1)
     if n and not plan.single_pass(V):

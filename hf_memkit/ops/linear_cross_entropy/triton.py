@@ -13,6 +13,9 @@ Imported lazily by ``function.py`` — never by ``import hf_memkit``.
   scale, apply the softcap chain rule and atomically add S·C into dE and Sᵀ·E into dC (fp32 buffers).
   Vocabulary blocks are visited through ``order`` (vocabulary sorted by average logit), so that the entries
   that matter cluster into few tiles and the rest are skipped whole.
+
+A 16-bit classifier with fp32 hidden states (16-bit weight storage) is read as is and each tile upcast to
+fp32 in registers; dC still accumulates in an fp32 (V, D) buffer (the atomic adds need it) and is cast at the end.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def _logit_tile(E, C, Bias, rows, vid, mask_b, mask_v, D, stride_e, stride_c, so
         e_t = tl.load(E + rows[:, None] * stride_e + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :],
                       other=0.0)
         c_t = tl.load(C + vid[:, None] * stride_c + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
-                      other=0.0)
+                      other=0.0).to(E.dtype.element_ty)  # a 16-bit classifier under fp32 hidden states: upcast
         acc = _dot(e_t, tl.trans(c_t), acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(Bias + vid, mask=mask_v, other=0.0).to(tl.float32)[None, :]
@@ -172,7 +175,7 @@ def _grad_kernel(E, C, Bias, Rows, Y, Lse, Scale, Order, DE, DC, DB, n, V, D, st
             mask_d = offs_d < D
             if NEED_E:
                 c_t = tl.load(C + vid[:, None] * stride_c + offs_d[None, :],
-                              mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                              mask=mask_v[:, None] & mask_d[None, :], other=0.0).to(E.dtype.element_ty)
                 de = _dot(sd, c_t, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), PRECISION, UPCAST)
                 tl.atomic_add(DE + rows[:, None] * D + offs_d[None, :], de, mask=mask_b[:, None] & mask_d[None, :])
             if NEED_C:

@@ -127,3 +127,21 @@ def test_token_stats_after_triton_equal_the_torch_path_and_leave_the_loss_alone(
     assert int(got["triton"].count) == int(got["torch"].count) > 0
     assert int(got["triton"].correct) == int(got["torch"].correct)
     assert abs(got["triton"].mean_entropy() - got["torch"].mean_entropy()) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_classifier_under_fp32_hidden_states_upcasts_tiles(reduction):
+    # 16-bit weight storage with fp32 compute: the kernels read bf16 tiles of c and multiply in fp32
+    e, c, b, y = make_problem(24, torch.float32, 48, 40, 130, bias=True, scale=2.0)
+    e, b = _to(DEVICE, e, b)
+    c16 = c.detach().to(DEVICE).bfloat16().requires_grad_()
+    y = y.to(DEVICE)
+    tri = grads_of(linear_cross_entropy, e, c16, b, y, softcap=4.0, reduction=reduction, impl="triton")
+    ref = grads_of(linear_cross_entropy, e, c16.detach().float().requires_grad_(), b, y, softcap=4.0,
+                   reduction=reduction, impl="torch")
+    assert tri[2].dtype == torch.bfloat16 and tri[1].dtype == torch.float32
+    for i, (a, r) in enumerate(zip(tri, ref)):
+        if i == 2:  # dC rounded to bf16 (twice under an upstream gradient other than 1)
+            assert bool(((a.float() - r).abs() <= r.abs() * 2**-7 + 1e-6 * r.abs().max()).all())
+        else:
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
