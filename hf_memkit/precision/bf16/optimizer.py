@@ -28,8 +28,9 @@ parameters in the current groups that have a gradient stepped.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -37,6 +38,11 @@ from ...ops.stochastic_round import round_into_
 
 #: optimizer-state key of the Kahan compensation buffer (16 bits, the parameter's shape)
 KAHAN = "memkit_kahan_comp"
+_HOOK_DICTS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+               "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+               "_optimizer_load_state_dict_post_hooks")
+#: attributes the wrapper keeps itself even when the inner optimizer has one of the same name
+_LOCAL = frozenset({"update", "rng", "_zero_grad_profile_name", "_opt_called", "_memkit_wrapped", *_HOOK_DICTS})
 SIXTEEN = (torch.bfloat16, torch.float16)
 UPDATES = ("stochastic", "kahan", "nearest")
 
@@ -74,15 +80,12 @@ class WriteBack16(torch.optim.Optimizer):
         if update not in UPDATES:
             raise ValueError(f"update={update!r} is not one of {', '.join(UPDATES)}")
         # torch.optim.Optimizer.__init__ would build groups of its own: set only what its methods read
-        self.__dict__["optimizer"] = optimizer
-        self.update = update
-        self.rng = rng if rng is not None else RoundingRNG(0)
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        own = self.__dict__
+        own["optimizer"] = optimizer
+        own["update"] = update
+        own["rng"] = rng if rng is not None else RoundingRNG(0)
+        for name in _HOOK_DICTS:
+            own[name] = OrderedDict()
         self._patch_step_function()
 
     # pass-through ------------------------------------------------------------------------------------------
@@ -91,6 +94,16 @@ class WriteBack16(torch.optim.Optimizer):
         if inner is None or name.startswith("__"):
             raise AttributeError(name)
         return getattr(inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An attribute the inner optimizer owns is set there (e.g. bitsandbytes' ``initialized``, which a
+        gradient-release wrapper sets after running its override scan on the whole groups)."""
+        inner = self.__dict__.get("optimizer")
+        if (inner is not None and name not in self.__dict__ and name not in _LOCAL
+                and name in getattr(inner, "__dict__", {})):
+            setattr(inner, name, value)
+        else:
+            object.__setattr__(self, name, value)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -153,15 +166,17 @@ class WriteBack16(torch.optim.Optimizer):
         lists = [g["params"] for g in groups]
         wide = [[p for p in ps if p.grad is not None and p.dtype not in SIXTEEN] for ps in lists]
         narrow = [(i, p) for i, ps in enumerate(lists) for p in ps if p.grad is not None and p.dtype in SIXTEEN]
+        _prepare_bitsandbytes(self.optimizer)
         try:
-            if any(wide):
-                for g, ps in zip(groups, wide):
-                    g["params"] = ps
-                self.optimizer.step()
-            for i, p in narrow:
-                for j, g in enumerate(groups):
-                    g["params"] = [p] if j == i else []
-                self._step_16(p)
+            with _positional_overrides_hidden(self.optimizer):
+                if any(wide):
+                    for g, ps in zip(groups, wide):
+                        g["params"] = ps
+                    self.optimizer.step()
+                for i, p in narrow:
+                    for j, g in enumerate(groups):
+                        g["params"] = [p] if j == i else []
+                    self._step_16(p)
         finally:
             for g, ps in zip(groups, lists):
                 g["params"] = ps
@@ -195,6 +210,31 @@ class WriteBack16(torch.optim.Optimizer):
                 state[KAHAN] = err.to(low.dtype)
         else:
             round_into_(low, new32, self.update, self.rng.on(low.device))
+
+
+def _prepare_bitsandbytes(inner: Any) -> None:
+    """bitsandbytes' first ``step()`` registers per-parameter config overrides by scanning the param groups; run
+    it once on the groups as they are now (whole, unless a caller narrowed them and ran it already)."""
+    if hasattr(inner, "check_overrides") and getattr(inner, "initialized", True) is False:
+        inner.check_overrides()
+        inner.to_gpu()
+        inner.initialized = True
+
+
+@contextlib.contextmanager
+def _positional_overrides_hidden(inner: Any) -> Iterator[None]:
+    """bitsandbytes looks per-parameter overrides up by (group index, position in the group) and then by
+    parameter id; in a narrowed step every parameter sits at position 0, so only the id lookup is right."""
+    mng = getattr(inner, "mng", None)
+    positional = getattr(mng, "index2config", None)
+    if not positional:
+        yield
+        return
+    mng.index2config = {}
+    try:
+        yield
+    finally:
+        mng.index2config = positional
 
 
 def kahan_buffers(optimizer: Any) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ dtype. ``remove()`` restores each tensor's original dtype and the modules' forwa
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,18 +54,19 @@ def _set_dtype_(p: torch.Tensor, dtype: torch.dtype) -> None:
         p.grad = grad.to(dtype)
 
 
-def _linear_forward(m: nn.Linear) -> Callable:
-    def forward(x):
-        return linear16(x, m.weight, m.bias)
-
-    return forward
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear16(x, self.weight, self.bias)
 
 
-def _embedding_forward(m: nn.Embedding) -> Callable:
-    def forward(ids):
-        return embedding16(ids, m.weight, m.padding_idx)
+def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    return embedding16(ids, self.weight, self.padding_idx)
 
-    return forward
+
+def _bind(m: nn.Module, fn: Callable) -> None:
+    """An instance ``forward`` bound as a method: ``copy.deepcopy`` of the model (structured pruning's working
+    copy, a distillation teacher) rebinds it to the copied module, where a closure would keep computing with the
+    original module's weights."""
+    m.forward = types.MethodType(fn, m)
 
 
 class StoragePatch:
@@ -85,10 +87,10 @@ class StoragePatch:
             stored = self._store_weights({**embeddings, **linears})
             self._widen_the_rest(stored)
             for m in embeddings.values():
-                m.forward = _embedding_forward(m)
+                _bind(m, _embedding_forward)
                 self.forwards.append(m)
             for m in linears.values():
-                m.forward = _linear_forward(m)
+                _bind(m, _linear_forward)
                 self.forwards.append(m)
         except Exception:
             self.remove()

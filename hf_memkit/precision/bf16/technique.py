@@ -32,7 +32,7 @@ class Bf16Technique(Technique):
         "ast": "2:4 sparse training " + _OWN_FORWARD,
         "cast": "2:4 sparse training " + _OWN_FORWARD,
         "sst": "SST replaces Linear layers by spectral factors; use one of them",
-        "efficientqat": "quantization-aware training keeps its own quantized weights; use one of them",
+        "e2e_qp": "quantization-aware training quantizes the Linear weights before training; use one of them",
         "training_args:fp16": "fp16 mixed precision needs a GradScaler, which cannot unscale 16-bit gradients; "
                               "the model computes in fp32 anyway",
     }

@@ -2,6 +2,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: with several threads on a loaded machine, OpenMP's spin-waits dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tied_model():
     """A tiny Llama whose embedding and lm_head share one weight (as SmolLM2's do)."""

@@ -172,3 +172,32 @@ def test_found_through_wrappers():
 def test_bad_update_is_refused():
     with pytest.raises(ValueError, match="update"):
         WriteBack16(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1), "up")
+
+
+def test_bitsandbytes_module_overrides_apply_to_their_parameter_only():
+    # transformers registers a 32-bit override for embeddings; the narrowed steps must not hand it to the
+    # parameter that sits at the embedding's position in another narrowing
+    bnb = pytest.importorskip("bitsandbytes")
+    mng = bnb.optim.GlobalOptimManager.get_instance()
+    saved = (list(mng.module_weight_config_triple), dict(mng.pid2config), dict(mng.index2config))
+    try:
+        emb = torch.nn.Embedding(64, 128)
+        lin = torch.nn.Linear(128, 64, bias=False)
+        for m in (emb, lin):
+            m.weight.data = m.weight.data.bfloat16()
+        mng.register_module_override(emb, "weight", {"optim_bits": 32})
+        inner = bnb.optim.AdamW8bit([emb.weight, lin.weight], lr=1e-3, min_8bit_size=4096)
+        opt = WriteBack16(inner, "nearest")
+        for m in (emb, lin):
+            m.weight.grad = torch.randn_like(m.weight)
+        opt.step()
+        assert inner.initialized and opt.state[emb.weight]["state1"].dtype == torch.float32
+        assert opt.state[lin.weight]["state1"].dtype == torch.uint8
+        opt.initialized = False  # an attribute of the inner optimizer is set there
+        assert inner.initialized is False and "initialized" not in vars(opt)
+    finally:
+        mng.module_weight_config_triple[:] = saved[0]
+        mng.pid2config.clear()
+        mng.pid2config.update(saved[1])
+        mng.index2config.clear()
+        mng.index2config.update(saved[2])

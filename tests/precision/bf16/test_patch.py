@@ -152,3 +152,18 @@ def test_float16_storage(tiny_model):
     assert tiny_model.lm_head.weight.dtype == torch.float16
     ids = _ids()
     assert torch.isfinite(tiny_model(input_ids=ids, labels=ids).loss)
+
+
+def test_a_deep_copy_computes_with_its_own_weights(tiny_model):
+    import copy
+
+    Bf16Technique().patch_model(tiny_model)
+    twin = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        twin.model.layers[0].mlp.down_proj.weight.zero_()
+    ids = _ids()
+    with torch.no_grad():
+        a = tiny_model(input_ids=ids).logits
+        b = twin(input_ids=ids).logits
+    assert not torch.allclose(a, b)
+    assert twin.model.layers[0].mlp.down_proj.forward.__self__ is twin.model.layers[0].mlp.down_proj

@@ -34,7 +34,8 @@ def test_config_defaults_and_errors():
 
 @pytest.mark.parametrize("other", [{"activations": [{"mesa": {}}]}, {"activations": [{"wta_crs": {}}]},
                                    {"schedule": [{"sparse_update": {}}]}, {"optimizer": {"sst": {}}},
-                                   {"optimizer": {"ast": {}}}, {"training_args": {"fp16": True}}])
+                                   {"optimizer": {"ast": {}}}, {"compress": [{"e2e_qp": {}}]},
+                                   {"training_args": {"fp16": True}}])
 def test_pairs_that_cannot_work_are_refused_by_name(other):
     with pytest.raises(RecipeError, match="bf16"):
         load_recipe({"precision": {"bf16": {}}, **other})
@@ -113,3 +114,16 @@ def test_memkit_callback_refuses_the_precision_slot():
 
     refusals = callback_refusals(load_recipe({"precision": {"bf16": {}}}))
     assert refusals and refusals[0].startswith("bf16 (precision)")
+
+
+def test_selected_by_the_memkit_precision_flag(tmp_path):
+    from transformers import HfArgumentParser
+
+    from hf_memkit.integrations.memkit_trainer import MemkitTrainingArguments
+
+    (args,) = HfArgumentParser(MemkitTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--memkit_recipe", "bf16_full", "--memkit_precision", "bf16: {update: kahan}",
+         "--memkit_set", "bf16.seed=7", "--report_to", "none"])
+    recipe = args.memkit_resolved_recipe()
+    assert recipe.get("bf16").config.update == "kahan" and recipe.get("bf16").config.seed == 7
+    assert recipe.get("cce") is not None

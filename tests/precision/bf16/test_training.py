@@ -28,7 +28,7 @@ class _Losses(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
-def _train(path, dataset, out, recipe, steps=12, **kw):
+def _train(path, dataset, out, recipe, steps=10, **kw):
     model = AutoModelForCausalLM.from_pretrained(path)
     bf16_representable_(model)  # the same starting point for the fp32 run and the 16-bit ones
     cb = _Losses()
@@ -38,15 +38,15 @@ def _train(path, dataset, out, recipe, steps=12, **kw):
     return cb.losses, trainer
 
 
-@pytest.mark.parametrize("update", ["stochastic", "kahan"])
-def test_loss_tracks_the_fp32_run(tiny_path, tiny_dataset, tmp_path, update):
+def test_loss_tracks_the_fp32_run(tiny_path, tiny_dataset, tmp_path):
     ref, _ = _train(tiny_path, tiny_dataset, tmp_path / "fp32", {"optimizer": {"adamw": {}}})
-    got, trainer = _train(tiny_path, tiny_dataset, tmp_path / update,
-                          {"optimizer": {"adamw": {}}, "precision": {"bf16": {"update": update}}})
-    assert len(got) == len(ref) == 12 and ref[-1] < ref[0] - 0.1
-    assert max(abs(a - b) for a, b in zip(got, ref)) < 0.01, (got, ref)
-    assert isinstance(find_write_back(trainer.optimizer), WriteBack16)
-    assert trainer.model.lm_head.weight.dtype == torch.bfloat16
+    assert len(ref) == 10 and ref[-1] < ref[0] - 0.1
+    for update in ("stochastic", "kahan"):
+        got, trainer = _train(tiny_path, tiny_dataset, tmp_path / update,
+                              {"optimizer": {"adamw": {}}, "precision": {"bf16": {"update": update}}})
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 0.01, (update, got, ref)
+        assert isinstance(find_write_back(trainer.optimizer), WriteBack16)
+        assert trainer.model.lm_head.weight.dtype == torch.bfloat16
 
 
 def _updates(model, ids, update, lr=2e-5, steps=10):
