@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not add the divergence guard (NaN/Inf or spiking loss, vanished gradients stop the run)")
     t.add_argument("--overwrite-output-dir", dest="overwrite", action="store_true",
                    help="start over in an output directory that holds an earlier run's checkpoints (deletes them)")
+    t.add_argument("--allocator", default=None, choices=("auto", "mimalloc", "glibc", "system"),
+                   help="how freed host memory goes back to the OS (default: $HF_MEMKIT_ALLOCATOR, else auto = "
+                   "mimalloc when installed, else glibc with a fixed mmap threshold; system = leave malloc alone)")
 
     r = sub.add_parser("run", help="run an unmodified HF training script with --memkit_recipe applied",
                        add_help=False)
@@ -129,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if ns.command == "train":
+            from .memory.host_memory import AllocatorError, reexec_if_needed
+
+            try:  # before anything heavy is imported: the process restarts with mimalloc preloaded
+                reexec_if_needed(["-m", "hf_memkit.cli", *argv], ns.allocator)
+            except AllocatorError as exc:
+                parser.error(str(exc))
             return _train(ns, unknown)
         if ns.command == "estimate":
             return _estimate(ns)
@@ -162,7 +171,7 @@ def _train(ns: argparse.Namespace, extra: list[str]) -> int:
         summary = train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps,
                                      max_seq_len=ns.max_seq_len, output_dir=ns.output_dir, extra=extra,
                                      eval_before=ns.eval_before, divergence_guard=ns.divergence_guard,
-                                     overwrite=ns.overwrite))
+                                     overwrite=ns.overwrite, allocator=ns.allocator))
     if summary.get("verdict") in ("collapsed", "diverged"):
         print(f"memkit: the trained model {summary['verdict']} (eval perplexity {summary['perplexity_after']})\n"
               "  fix: lower the learning rate or add warmup; see train_summary.json", file=sys.stderr)

@@ -24,7 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes (torchrun) on this machine")
     parser.add_argument("script", help="the training script, or a launcher: trl, accelerate, deepspeed, torchrun")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    parser.add_argument("--allocator", default=None, choices=("auto", "mimalloc", "glibc", "system"),
+                        help="how freed host memory goes back to the OS in the script and every process it starts "
+                        "(default: $HF_MEMKIT_ALLOCATOR, else auto: mimalloc when installed)")
     ns = parser.parse_args(argv)
+    from .memory.host_memory import AllocatorError, reexec_if_needed
+
+    try:  # the script and every launcher rank inherit the allocator (LD_PRELOAD / MALLOC_* in the environment)
+        reexec_if_needed(["-m", "hf_memkit.run", *argv], ns.allocator)
+    except AllocatorError as exc:
+        parser.error(str(exc))
     if ns.nproc_per_node < 1:
         parser.error("--nproc-per-node must be at least 1")
     from .integrations.relaunch import RELAUNCHERS, is_python, resolve_program, run_launcher

@@ -43,6 +43,7 @@ class TrainOptions:
     extra: list[str] = dataclasses.field(default_factory=list)  # TrainingArguments flags
     divergence_guard: bool = True  # add guard: [{divergence_guard: {}}] unless the recipe has a guard
     overwrite: bool = False  # start over in an output folder that holds an earlier run's checkpoints
+    allocator: str | None = None  # host_memory.CHOICES; None: $HF_MEMKIT_ALLOCATOR, else auto
 
 
 def _parse_flags(extra: list[str], output_dir: str) -> Any:
@@ -196,6 +197,13 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     check_output_dir(args.output_dir, resume, opts.overwrite)
 
+    from .memory import host_memory
+
+    try:
+        host_memory.release_host_memory(opts.allocator)  # glibc in-process; mimalloc was preloaded by the CLI
+    except host_memory.AllocatorError as exc:
+        raise MemkitError(f"{exc}") from None
+
     import torch
     from transformers import default_data_collator
 
@@ -225,6 +233,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     ppl_before = perplexity(trainer) if opts.eval_before else None
     if ppl_before is not None:
         print(f"hf_memkit: eval perplexity before training: {ppl_before:.3f}", flush=True)
+    host_memory.page_out_libraries()  # library pages the imports touched and training does not need
     base = {"model": opts.model, "recipe": recipe.source, "techniques": recipe.names(), "seq_len": seq_len,
             "perplexity_before": round(ppl_before, 4) if ppl_before is not None else None}
     t0 = time.perf_counter()
@@ -252,6 +261,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "last_logged_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "peak_rss_bytes": peak_rss_bytes(),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "host_memory": host_memory.describe(),
     }
     report = {"estimate": estimate.to_dict(), "measured": profiler.report()}
     _write_reports(args.output_dir, summary, report)
@@ -270,6 +280,16 @@ def _write_reports(output_dir: str, summary: dict[str, Any], report: dict[str, A
     write_json(os.path.join(output_dir, "train_summary.json"), summary)
 
 
+def _allocator_line(host: dict[str, Any]) -> str:
+    name = host.get("allocator", "unknown")
+    line = {"mimalloc": "mimalloc (freed memory returns to the OS)",
+            "glibc": "glibc malloc" + (" (fixed mmap threshold: freed blocks return to the OS)"
+                                       if host.get("settings", {}).get("mmap_threshold") else
+                                       " (stock: freed memory stays in the process; see --allocator)")}.get(name, name)
+    released = host.get("library_pages_released_bytes", 0)
+    return line + (f"; {released / 2**20:.0f} MiB of library pages released" if released else "")
+
+
 def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
     from .memory.report import summary_lines
 
@@ -285,6 +305,7 @@ def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
         ("throughput", f"{summary['tokens_per_second']} tokens/s"),
         ("trainable parameters", f"{summary['trainable_parameters']:,}"),
         ("peak RSS", f"{summary['peak_rss_bytes'] / 2**20:.0f} MiB"),
+        ("allocator", _allocator_line(summary.get("host_memory") or {})),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))

@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite runs in one process with the stock allocator (a fixed glibc mmap threshold would slow every test);
+# tests/memory/test_host_memory.py checks the allocator settings in their own processes
+os.environ.setdefault("HF_MEMKIT_ALLOCATOR", "system")
 logging.getLogger("hf_memkit").setLevel(logging.INFO)
 
 

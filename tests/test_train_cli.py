@@ -113,3 +113,23 @@ def test_compare_removes_its_temporary_folder_even_when_a_run_fails(tmp_path, mo
     with pytest.raises(MemkitError):
         cmp.compare(["baseline"], model="tiny")
     assert list(tmp_path.glob("memkit-compare-*")) == []
+
+
+def test_memkit_train_restarts_itself_on_the_allocator_that_returns_memory(tmp_path):
+    """--allocator auto: mimalloc (a dependency on Linux x86-64) is preloaded by a re-exec before anything heavy
+    is imported, and the summary records it; --allocator system leaves malloc alone."""
+    from hf_memkit.memory.host_memory import mimalloc_library
+
+    common = ["train", "--model", "tiny", "--max-steps", "1", "--max-seq-len", "32", "--no-eval-before",
+              "--per_device_train_batch_size", "2"]
+    r = memkit(*common, "--output-dir", str(tmp_path / "auto"), "--allocator", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    host = json.loads((tmp_path / "auto" / "train_summary.json").read_text())["host_memory"]
+    expected = "mimalloc" if mimalloc_library() else ("glibc" if sys.platform.startswith("linux") else "other")
+    assert host["allocator"] == expected and "allocator" in r.stdout
+    if expected == "glibc":
+        assert host["settings"]["mmap_threshold"] == 1 << 20
+    r = memkit(*common, "--output-dir", str(tmp_path / "system"), "--allocator", "system")
+    assert r.returncode == 0, r.stderr[-2000:]
+    host = json.loads((tmp_path / "system" / "train_summary.json").read_text())["host_memory"]
+    assert host["allocator"] != "mimalloc" and not host["settings"].get("mmap_threshold")

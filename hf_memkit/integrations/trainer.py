@@ -84,10 +84,15 @@ class RecipeRuntime:
             raise RuntimeError("this recipe is already applied to a model; build a new runtime for another")
         self.original_model = model
         from .trl import check_adapter_host
+        from ..memory.host_memory import AllocatorError, release_host_memory
         from .versions import warn_unverified
 
         warn_unverified(self.techniques)
         check_adapter_host(model, self.recipe)  # TRL's peft_config and a recipe adapter would stack two adapters
+        try:  # freed host memory goes back to the OS on every run (glibc: fixed mmap threshold; mimalloc: as is)
+            release_host_memory()
+        except AllocatorError as exc:
+            logger.warning("hf_memkit: %s", exc)
         patching = self.patching()
         if patching:
             from .hub_kernels import disable_hub_kernels
