@@ -1,6 +1,7 @@
 """Optimizer techniques. ``Cosmos``, ``Fira`` and ``SST`` are plain ``torch.optim.Optimizer`` classes usable
-outside the Trainer; they load on first access so that ``import hf_memkit`` (which imports this package when
-the registry loads the built-in techniques) stays free of torch."""
+outside the Trainer, and ``GradientRelease`` wraps a per-parameter optimizer to step it inside backward; they
+load on first access so that ``import hf_memkit`` (which imports this package when the registry loads the
+built-in techniques) stays free of torch."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ _LAZY = {
     "Cosmos": "hf_memkit.optim.cosmos.optimizer",
     "Fira": "hf_memkit.optim.fira.optimizer",
     "SST": "hf_memkit.optim.sst.optimizer",
+    "GradientRelease": "hf_memkit.optim.release.optimizer",
 }
 
 __all__ = list(_LAZY)
@@ -17,6 +19,7 @@ __all__ = list(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover
     from .cosmos.optimizer import Cosmos
     from .fira.optimizer import Fira
+    from .release.optimizer import GradientRelease
     from .sst.optimizer import SST
 
 

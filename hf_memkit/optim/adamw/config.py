@@ -4,6 +4,7 @@ from pydantic import Field
 
 from ...config_types import Betas
 from ...technique import TechniqueConfig
+from ..release.config import ReleaseClipping, clipping_field, release_field
 
 
 class AdamWConfig(TechniqueConfig):
@@ -15,6 +16,9 @@ class AdamWConfig(TechniqueConfig):
     Paper: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019). Plain PyTorch equivalent:
     ``torch.optim.AdamW(params, lr, betas, eps, weight_decay)``. Not for memory-tight full fine-tunes: it keeps
     8 bytes of state per trainable parameter (use ``adamw_8bit`` or an adapter).
+
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact, AdamW
+    updates each tensor from its own gradient and moments; clipping becomes per-parameter (see there).
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
@@ -24,3 +28,5 @@ class AdamWConfig(TechniqueConfig):
         None, ge=0, description="decoupled weight decay; null takes TrainingArguments.weight_decay"
     )
     foreach: bool | None = Field(None, description="use the multi-tensor implementation (null: torch decides)")
+    gradient_release: bool = release_field()
+    release_clipping: ReleaseClipping = clipping_field()

@@ -27,3 +27,4 @@ class AdamWTechnique(OptimizerTechnique):
         # exp_avg + exp_avg_sq in fp32 for every trainable element, plus a scalar step per tensor
         trainable = mem.trainable()
         mem.add("optimizer_states", sum(8 * p.numel + 4 for p in trainable), self.name, "2 fp32 moments")
+        self.estimate_gradient_release(mem)

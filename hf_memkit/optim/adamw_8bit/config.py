@@ -4,6 +4,7 @@ from pydantic import Field
 
 from ...config_types import Betas
 from ...technique import TechniqueConfig
+from ..release.config import ReleaseClipping, clipping_field, release_field
 
 
 class AdamW8bitConfig(TechniqueConfig):
@@ -17,6 +18,9 @@ class AdamW8bitConfig(TechniqueConfig):
     tensors with at least ``min_8bit_size`` elements are stored as uint8 with one fp32 absmax per 256 values
     (about 2 bytes/param instead of 8). Not for tiny models where every tensor is below ``min_8bit_size``
     (nothing is saved) nor where bit-exact reproducibility with fp32 AdamW is required.
+
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact,
+    bitsandbytes quantizes and updates each tensor's state on its own; clipping becomes per-parameter.
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
@@ -27,3 +31,5 @@ class AdamW8bitConfig(TechniqueConfig):
     )
     min_8bit_size: int = Field(4096, ge=1, description="tensors smaller than this keep fp32 moments")
     paged: bool = Field(False, description="paged (unified-memory) state; CUDA only")
+    gradient_release: bool = release_field()
+    release_clipping: ReleaseClipping = clipping_field()

@@ -58,3 +58,4 @@ class AdamW8bitTechnique(OptimizerTechnique):
         if quantized:
             total += 2 * 256 * 4  # the two dynamic quantization maps, shared by every tensor
         mem.add("optimizer_states", total, self.name, "uint8 moments + fp32 absmax per 256")
+        self.estimate_gradient_release(mem)

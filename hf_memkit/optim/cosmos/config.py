@@ -6,6 +6,7 @@ from pydantic import Field
 
 from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
+from ..release.config import ReleaseClipping, clipping_field, release_field
 
 
 class CosmosConfig(TechniqueConfig):
@@ -27,6 +28,10 @@ class CosmosConfig(TechniqueConfig):
     Not for: adapters (LoRA trains tiny matrices; use AdamW), DeepSpeed/FSDP (the update needs whole matrices),
     or matrices narrower than the rank (the SOAP part then covers everything and COSMOS reduces to a
     normalised SOAP step with full-size state).
+
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact, each
+    hidden matrix's update reads only its own gradient and state (M, P, S, Vsq), the rest is AdamW; clipping
+    becomes per-parameter.
     """
 
     lr: float | None = Field(None, gt=0, description="AdamW-path learning rate (hidden matrices use lr·lr_ratio); "
@@ -44,3 +49,5 @@ class CosmosConfig(TechniqueConfig):
     ns_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype of the Newton–Schulz matmuls; auto: bfloat16 on CUDA (as the reference), "
         "float32 elsewhere")
+    gradient_release: bool = release_field()
+    release_clipping: ReleaseClipping = clipping_field()

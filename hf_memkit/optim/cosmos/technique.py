@@ -46,3 +46,4 @@ class CosmosTechnique(OptimizerTechnique):
                 other += 8 * p.numel
         mem.add("optimizer_states", matrices, self.name, "hidden matrices: M + P + S + Vsq (fp32)")
         mem.add("optimizer_states", other, self.name, "AdamW path: 2 fp32 moments")
+        self.estimate_gradient_release(mem)

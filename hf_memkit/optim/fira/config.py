@@ -4,6 +4,7 @@ from pydantic import Field
 
 from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
+from ..release.config import ReleaseClipping, clipping_field, release_field
 
 
 class FiraConfig(TechniqueConfig):
@@ -22,6 +23,10 @@ class FiraConfig(TechniqueConfig):
 
     Not for: adapters (nothing full-rank to project), DeepSpeed/FSDP (the SVD needs whole gradients), or very
     short fine-tunes where the per-gap SVD costs more than the memory saved is worth.
+
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact, the
+    projection, the low-rank moments and the limiter's norm belong to one matrix. Clipping becomes per-parameter
+    (the recipe above clips globally to 1.0; with release each matrix is clipped to 1.0 on its own).
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
@@ -37,3 +42,5 @@ class FiraConfig(TechniqueConfig):
         "all-linear", description="projected Linear layers, as TrainingArguments.optim_target_modules: a regex "
         "on full module names, a list of names/fragments/regexes, or 'all-linear' (every nn.Linear but the "
         "output head)")
+    gradient_release: bool = release_field()
+    release_clipping: ReleaseClipping = clipping_field()

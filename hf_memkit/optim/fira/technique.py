@@ -46,3 +46,4 @@ class FiraTechnique(OptimizerTechnique):
                 other += 8 * p.numel
         mem.add("optimizer_states", projected, self.name, "projected: low-rank Adam moments + P + limiter norm")
         mem.add("optimizer_states", other, self.name, "AdamW path: 2 fp32 moments")
+        self.estimate_gradient_release(mem)

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
+from ..release.config import ReleaseClipping, clipping_field, release_field
 
 
 class SSTConfig(TechniqueConfig):
@@ -32,6 +33,11 @@ class SSTConfig(TechniqueConfig):
     only for Σ and the r active pairs: 2·((m+n)·r + k) fp32 state elements vs AdamW's 2mn. Not for: small
     fine-tunes where a LoRA of the same rank suffices (SST's weights cost more than LoRA's), layers narrower
     than the rank (every pair is always active: no saving), or runs shorter than one ``interval``.
+
+    Gradient release: refused (``gradient_release: true`` is a RecipeError). SST's step ends with a step-wide
+    epilogue: a global step counter drives the warm-up of the sampled pairs, and every ``interval`` steps each
+    layer is re-SVD'ed (Σ, U and V rewritten together, their moments reset) and new pairs are drawn; that must run
+    once after every parameter stepped, not once per parameter inside backward.
     """
 
     lr: float | None = Field(None, gt=0, description="learning rate; null takes TrainingArguments.learning_rate")
@@ -52,3 +58,5 @@ class SSTConfig(TechniqueConfig):
         "all-linear", description="factored Linear layers, as TrainingArguments.optim_target_modules "
         "('all-linear' = every nn.Linear but the output head)")
     seed: int = Field(0, ge=0, description="seed of the pair sampling (its own generator; the torch RNG is untouched)")
+    gradient_release: bool = release_field()
+    release_clipping: ReleaseClipping = clipping_field()

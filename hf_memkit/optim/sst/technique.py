@@ -30,6 +30,11 @@ class SSTTechnique(OptimizerTechnique):
     summary: ClassVar[str] = "Sparse Spectral Training: W = U·diag(Σ)·Vᵀ, all Σ + r sampled pairs train"
     reference: ClassVar[str] = "Zhao et al., ICML 2025, arXiv 2405.15481"
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
+    release_refusal: ClassVar[str | None] = (
+        "SST's step ends with a step-wide epilogue (a global step counter for the warm-up of the sampled pairs; "
+        "every `interval` steps a re-SVD that rewrites each layer's Σ, U and V together and resets their moments, "
+        "and new pairs drawn) that must run once after every parameter stepped, not per parameter in backward"
+    )
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
         "slot:adapter": "SST re-parameterises the base Linear layers, which an adapter freezes and wraps",
