@@ -144,6 +144,20 @@ def _suggest(word: Any, candidates: typing.Iterable[str]) -> str:
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+#: how close a key of a file without `memkit:` must be to a recipe section for the file to count as a misspelt
+#: recipe: stricter than the suggestions' 0.6, under which the common `version:` of other YAML files (compose
+#: files, CITATION.cff) reads as a misspelt `precision:`
+_RECIPE_LIKE_CUTOFF = 0.75
+
+
+def _recipe_like(word: str) -> bool:
+    word = short_str(word, 64)
+    if difflib.get_close_matches(word, TOP_KEYS, n=1, cutoff=_RECIPE_LIKE_CUTOFF):
+        return True
+    w = word.lower()  # the abbreviations and long forms _suggest accepts
+    return any(len(c) < len(w) and w.startswith(c) or c.endswith("_" + w) for c in TOP_KEYS)
+
+
 def _join(*parts: Any) -> str:
     return ".".join(short_str(p, 100) for p in parts if p != "")
 
@@ -208,7 +222,7 @@ def _build(data: Any, where: str, *, check_training_args: bool) -> Recipe:
             fix="write `memkit: 1` followed by slots such as `optimizer: {adamw: {}}`",
         )
     if "memkit" not in data and not any(
-        isinstance(k, str) and (k in TOP_KEYS or registry.slots_of(k) or _suggest(k, TOP_KEYS))
+        isinstance(k, str) and (k in TOP_KEYS or registry.slots_of(k) or _recipe_like(k))
         for k in list(data)[:50]  # enough to tell; difflib on thousands of keys would not be cheap
     ):
         # some other YAML/JSON file (nothing in it looks like a misspelt recipe): say so without quoting it

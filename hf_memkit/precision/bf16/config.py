@@ -39,6 +39,9 @@ class Bf16Config(TechniqueConfig):
     equal to the 16-bit values (so bit for bit the original only where its values were representable, e.g. a
     model loaded from a bf16 checkpoint; the patch logs how many tensors it rounded).
 
+    Gradients of 16-bit weights are 16-bit too (each formed in fp32 and rounded once); with
+    ``gradient_accumulation_steps`` > 1 they are summed across micro-batches in 16 bits (the run warns).
+
     Not for: DeepSpeed ZeRO / FSDP (they build and shard their own optimizer; use their bf16 modes); fp16
     ``TrainingArguments`` (GradScaler cannot unscale 16-bit gradients); techniques that replace Linear forwards
     themselves (Mesa, WTA-CRS, sparse updates, 2:4 training, SST; refused by name). Runs where the weights are a

@@ -100,6 +100,7 @@ class WriteBack16(torch.optim.Optimizer):
         gradient-release wrapper sets after running its override scan on the whole groups)."""
         inner = self.__dict__.get("optimizer")
         if (inner is not None and name not in self.__dict__ and name not in _LOCAL
+                and not hasattr(type(self), name)  # methods and properties (an LR scheduler wraps step)
                 and name in getattr(inner, "__dict__", {})):
             setattr(inner, name, value)
         else:

@@ -5,12 +5,14 @@ internals in :mod:`hf_memkit.integrations.weight_storage`."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from ...technique import PatchHandle, Technique
 from ...integrations.versions import PEFT, TRANSFORMERS
 from .config import Bf16Config
 
+logger = logging.getLogger("hf_memkit")
 KEY = "precision.bf16"
 _OWN_FORWARD = "replaces nn.Linear forwards itself, which the 16-bit storage patch also does; use one of them"
 _OWN_OPTIMIZER = ("builds and shards its own optimizer (with fp32 master weights), so the 16-bit write-back "
@@ -92,6 +94,12 @@ class Bf16Technique(Technique):
             seed = self.config.seed if self.config.seed is not None else int(getattr(args, "seed", 0) or 0)
             self.rng = RoundingRNG(seed)
         self.optimizer = WriteBack16(optimizer, self.config.update, self.rng)
+        steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+        if steps > 1:
+            logger.warning(
+                "hf_memkit: %s: gradient_accumulation_steps=%d sums the micro-batch gradients of the 16-bit weights "
+                "in %s (one rounding per micro-batch, like any 16-bit gradient); a larger per-device batch avoids it",
+                KEY, steps, self.config.dtype)
         return self.optimizer
 
     def describe(self, model: Any, optimizer: Any = None) -> str:

@@ -138,3 +138,20 @@ def test_transient_bytes_follow_the_budget():
     large = transient_bytes(4096, 49152, 576, torch.float32, 256 * 2**20, softcap=False)
     assert small < 49152 * 576 * 4  # below the fp32 copy of the classifier alone
     assert small < large
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("grad", [True, False])
+def test_token_stats_equal_those_of_the_rounded_fp32_classifier(budget, grad):
+    from hf_memkit.ops.linear_cross_entropy import TokenStats
+
+    e, c16, b, y = _bf16_problem(14, bias=True, scale=3.0)
+    top = (e.detach() @ c16.detach().float().t()).argmax(-1)
+    y = torch.where((y >= 0) & (torch.arange(y.numel()) % 2 == 0), top, y)  # about half the targets are hits
+    ours, ref = TokenStats(), TokenStats()
+    with torch.set_grad_enabled(grad):
+        linear_cross_entropy(e, c16, y, bias=b, impl="torch", memory_budget=budget, token_stats=ours)
+        linear_cross_entropy(e, c16.detach().float(), y, bias=b, impl="torch", memory_budget=budget,
+                             token_stats=ref)
+    assert int(ours.count) == int(ref.count) and int(ours.correct) == int(ref.correct) > 0
+    assert abs(float(ours.entropy_sum) - float(ref.entropy_sum)) <= 1e-5 * int(ref.count)

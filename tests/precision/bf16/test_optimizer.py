@@ -201,3 +201,15 @@ def test_bitsandbytes_module_overrides_apply_to_their_parameter_only():
         mng.pid2config.update(saved[1])
         mng.index2config.clear()
         mng.index2config.update(saved[2])
+
+
+def test_a_scheduler_wrapping_step_wraps_the_wrapper_not_the_inner_optimizer():
+    a = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    inner = torch.optim.SGD([a], lr=1.0)
+    torch.optim.lr_scheduler.LambdaLR(inner, lambda s: 1.0)  # the inner optimizer got an instance step already
+    opt = WriteBack16(inner, "nearest")
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert "step" in vars(opt)
+    a.grad = torch.ones_like(a)
+    opt.step()  # no recursion through the inner optimizer's step
+    assert bool((a == 0).all())
