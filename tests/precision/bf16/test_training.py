@@ -142,3 +142,21 @@ def test_describe_names_what_is_stored_and_the_update(tiny_model):
     t.patch_model(tiny_model)
     line = t.describe(tiny_model)
     assert "16 weights" in line and "bfloat16" in line and "update=kahan" in line and "Kahan buffers" in line
+
+
+def test_gradient_release_drives_the_16_bit_write_back(tiny_path, tiny_dataset, tmp_path):
+    # gradient release wraps last and steps one parameter at a time inside backward, through WriteBack16; with
+    # a deterministic write back and no clipping it gives the weights of the plain run exactly
+    from hf_memkit.precision.bf16.optimizer import find_write_back as inner_wrapper
+
+    runs = {}
+    for release in (False, True):
+        recipe = {"precision": {"bf16": {"update": "kahan"}}, "loss": {"cce": {}},
+                  "optimizer": {"adamw_8bit": {"gradient_release": release}}}
+        _, trainer = _train(tiny_path, tiny_dataset, tmp_path / str(release), recipe, steps=3, max_grad_norm=0.0)
+        runs[release] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        if release:
+            outer = trainer.optimizer.optimizer
+            assert type(outer).__name__ == "GradientRelease" and inner_wrapper(outer) is not None
+    for n, p in runs[False].items():
+        assert torch.equal(p, runs[True][n]), n
