@@ -220,7 +220,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
           f"{args.per_device_train_batch_size} x {seq_len} tokens"
           + (f", resuming from {resume if resume is not True else 'the last checkpoint'}" if resume else ""),
           flush=True)
-    model, tok = load_model_and_tokenizer(str(path))
+    from .precision.bf16.loading import load_dtype
+
+    # a recipe that stores weights in 16 bits loads them so (no fp32 copy; the named SmolLM2 from its 16-bit file)
+    model, tok = load_model_and_tokenizer(opts.model if opts.model in ("tiny", "smollm2") else str(path),
+                                          dtype=load_dtype(recipe))
     train_texts, eval_texts = split_topics()
     tokens_needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     train_ds = block_dataset(train_texts, tok, seq_len, max_blocks=max(tokens_needed, 1))
