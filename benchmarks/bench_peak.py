@@ -15,7 +15,8 @@ Rows:
                      ``.cuda()``; on a CPU-only machine the row maps ``Tensor.cuda`` to a no-op while it runs
 * ``memkit_*``       ``memkit train`` as a user runs it (the process restarts on mimalloc, library pages are
                      released once the model is built): ``default`` (LoRA r16 + 8-bit AdamW + CCE + checkpointing +
-                     bf16 base storage), ``lora`` and ``qlora`` (the bundled recipes), ``full`` (``bf16_full``: bf16
+                     bf16 base storage), ``default_fp32`` (the same with the fp32 base: the default until
+                     this release), ``lora`` and ``qlora`` (the bundled recipes), ``full`` (``bf16_full``: bf16
                      weights with stochastic-rounding updates, gradient release, 8-bit AdamW, CCE, checkpointing)
                      and ``full_rn`` (the same with round-to-nearest updates: the known failure, lost updates)
 
@@ -38,7 +39,7 @@ import tempfile
 MiB = 2**20
 SEQ, BATCH, LR, EVAL_BLOCKS = 256, 4, 5e-4, 24
 STOCK = {"stock_adamw": "baseline", "stock_lora_gc": "lora_gc", "peer_adalomo": None}
-MEMKIT = {"memkit_default": "default", "memkit_lora": "lora", "memkit_qlora": "qlora", "memkit_full": "bf16_full",
+MEMKIT = {"memkit_default": "default", "memkit_default_fp32": "default_fp32", "memkit_lora": "lora", "memkit_qlora": "qlora", "memkit_full": "bf16_full",
           "memkit_full_rn": "bf16_full_rn"}
 ROWS = (*STOCK, *MEMKIT)
 
@@ -48,6 +49,8 @@ def _recipe_file(name: str, folder: str) -> str:
     variants = {
         "lora_gc": "memkit: 1\nadapter: {lora: {r: 16, lora_alpha: 32, lora_dropout: 0.0}}\n"
                    "optimizer: {adamw: {}}\ntraining_args: {gradient_checkpointing: true}\n",
+        "default_fp32": "memkit: 1\noptimizer: {adamw_8bit: {}}\nadapter: {lora: {r: 16, lora_alpha: 32, lora_dropout: 0.0}}\n"
+                        "loss: {cce: {}}\ntraining_args: {gradient_checkpointing: true}\n",
         "bf16_full_rn": "memkit: 1\nprecision: {bf16: {update: nearest}}\n"
                         "optimizer: {adamw_8bit: {gradient_release: true}}\nloss: {cce: {}}\n"
                         "training_args: {gradient_checkpointing: true}\n",
