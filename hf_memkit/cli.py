@@ -254,6 +254,7 @@ def _estimate(ns: argparse.Namespace) -> int:
 
     mem = estimate_memory(ns.model, ns.recipe, batch_size=ns.batch_size, seq_len=ns.seq_len, dtype=ns.dtype,
                           world_size=ns.world_size, zero_stage=ns.zero_stage)
+    peak = mem.predict_peak()  # runtime: this process's RSS with the Trainer imported (no model loaded here)
     data = mem.to_dict()
     if ns.plot:
         from .memory.report import plot_estimate
@@ -265,6 +266,9 @@ def _estimate(ns: argparse.Namespace) -> int:
         print(f"memory estimate: model {ns.model}, recipe {ns.recipe or '(stock Trainer)'}, batch {ns.batch_size}"
               f" x {ns.seq_len} tokens, {ns.dtype}")
         print(mem.table())
+        parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in peak["breakdown"].items() if v)
+        print(f"predicted peak RSS of a training process: {peak['peak_bytes'] / 2**20:.0f} MiB ({parts}; tensors "
+              f"peak in {peak['phase']}; slack for {peak['allocator']})")
     return EXIT_OK
 
 

@@ -64,6 +64,8 @@ class MemoryEstimate:
     #: host RAM per rank for ZeRO CPU/NVMe offload (:mod:`hf_memkit.memory.host`), kept apart from the device
     #: categories: ``to_dict()["host_offload"]``
     host: dict[str, int] = field(default_factory=dict)
+    #: the predicted process peak once :meth:`predict_peak` ran: ``to_dict()["predicted_peak"]``
+    prediction: dict[str, Any] | None = None
 
     @property
     def dtype_bytes(self) -> int:
@@ -125,9 +127,17 @@ class MemoryEstimate:
     def total_bytes(self) -> int:
         return sum(self.categories().values())
 
+    def predict_peak(self, runtime_bytes: int | None = None, allocator: str | None = None) -> dict[str, Any]:
+        """The process's peak RSS (and the device's ``max_memory_allocated``) for this estimate: see
+        :func:`predict_process_peak`. Kept in :attr:`prediction` (``to_dict()["predicted_peak"]``)."""
+        self.prediction = predict_process_peak(self, runtime_bytes, allocator)
+        return self.prediction
+
     def to_dict(self) -> dict[str, Any]:
         cats = self.categories()
         extra = {"host_offload": {**self.host, "total_bytes": sum(self.host.values())}} if self.host else {}
+        if self.prediction is not None:
+            extra["predicted_peak"] = self.prediction
         return {
             **cats,
             **extra,
@@ -221,3 +231,111 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
         # the stock Trainer's default optimizer is AdamW (torch): two fp32 moments per trainable element
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), "trainer default adamw")
     return mem
+
+
+# --- the process peak -------------------------------------------------------------------------------------------
+
+#: what is alive in each phase of a step besides the persistent categories (every category not named here:
+#: weights, adapter weights, optimizer state, technique state). The peak of the step's tensors is the largest
+#: phase. forward: at the end of the loss, every saved tensor and the loss's buffers; backward: while a
+#: checkpointed layer is recomputed, the saved tensors, that layer's set and the gradients (all counted whole:
+#: exact for adapters, whose gradients are small; for a full fine-tune an upper bound by the part of the
+#: activations already freed); optimizer: the gradients and the precision technique's fp32 scratch. Measured on
+#: the default recipe (profiled step, :mod:`hf_memkit.memory.peak`): SmolLM2 peaks at the end of the forward with
+#: 130.5 MiB where this says 129.8 (backward); the tiny model in backward with 5.7 MiB where this says 4.9
+PHASE_TERMS: dict[str, tuple[str, ...]] = {
+    "forward": ("activations", "logits", "loss_buffers"),
+    "backward": ("activations", "activations_recompute", "gradients"),
+    "optimizer": ("gradients", "precision_buffers"),
+}
+STEP_CATEGORIES = frozenset(c for terms in PHASE_TERMS.values() for c in terms)
+
+#: allocator -> expected slack at the process peak (bytes the allocator keeps after frees) per byte allocated and
+#: freed within a step (the step categories: activations, logits, loss buffers, recompute, gradients, precision
+#: scratch). Calibrated with :data:`RUN_OVERHEAD`, see :data:`CALIBRATION`
+SLACK: dict[str, float] = {"glibc": 8.0, "glibc_fixed": 1.25, "mimalloc": 0.67, "other": 1.25}
+#: what a run holds beyond the imported libraries, the tensors and the slack: tokenizer, datasets, the Trainer's
+#: objects, the libraries the techniques import after the model loaded (the measured breakdown's ``unaccounted``
+#: plus the library pages that came after the ``load`` mark)
+RUN_OVERHEAD = 64 * 2**20
+#: how SLACK and RUN_OVERHEAD were measured (memory_report.json of ``memkit train``'s code path, runtime = RSS at
+#: the ``load`` mark, profiled step 2 of 4, default recipe; 2 CPU cores shared with other test runs, so RSS
+#: growth over the steps may differ on an idle machine). Residual R = peak - runtime - predicted tensors, MiB,
+#: with step bytes s (tiny 8 x 128 tokens: 6.95 MiB; SmolLM2-135M 4 x 256: 184.6 MiB):
+CALIBRATION = """
+allocator      tiny: peak  R      SmolLM2: peak  R       fit R = 64 MiB + SLACK x s   (tiny error)
+glibc (stock)        684   68             2817   1535    8.0   (+51 MiB, +7.5%: the stock heap's slack
+                                                               grows step after step: 2340/2672/2775/2817)
+glibc_fixed          689   73             1578   296     1.25  (0)
+mimalloc             757   102            1511   188     0.67  (-33 MiB, -4.4%; and a mimalloc process
+                                                               starts ~40 MiB larger than the glibc process
+                                                               that usually measures the runtime)
+"""
+def expected_allocator() -> str:
+    """The allocator a ``memkit train`` started now would run on: ``mimalloc`` (installed, auto/mimalloc),
+    ``glibc_fixed`` (glibc with the fixed mmap threshold: auto/glibc), ``glibc`` (system), or ``other``."""
+    from . import process
+
+    try:
+        from . import host_memory
+
+        choice = host_memory.choice()
+        if choice != "system" and host_memory.wants_mimalloc(choice):
+            return "mimalloc"
+        if process.allocator_name() == "glibc":
+            return "glibc" if choice == "system" else "glibc_fixed"
+    except Exception:
+        pass
+    return process.allocator_kind()
+
+
+def predict_process_peak(mem: MemoryEstimate, runtime_bytes: int | None = None,
+                         allocator: str | None = None) -> dict[str, Any]:
+    """Predicted peak RSS of a training process (bytes):
+
+    ``runtime`` (the RSS of the process once what a Trainer run imports is imported: ``runtime_bytes``, else
+    measured here with :func:`hf_memkit.memory.process.runtime_rss_bytes`, which is only right in a process that
+    has no model loaded yet) + :data:`RUN_OVERHEAD` + the persistent tensors + the largest phase of a step
+    (:data:`PHASE_TERMS`) + the expected slack of ``allocator`` (:data:`SLACK` x the bytes allocated and freed
+    within a step; default :func:`expected_allocator`). ``device_peak_bytes``: what ``max_memory_allocated``
+    would show with everything on the device (tensors only, no runtime, overhead or slack).
+
+    ``breakdown`` uses the measured breakdown's parts (``memory/profiler.py: BREAKDOWN``), with
+    :data:`RUN_OVERHEAD` as ``unaccounted``; the parts sum to ``peak_bytes``. Calibration: :data:`CALIBRATION`."""
+    from . import process
+
+    cats = mem.categories()
+    persistent = {k: v for k, v in cats.items() if k not in STEP_CATEGORIES}
+    phases = {ph: sum(cats.get(c, 0) for c in terms) for ph, terms in PHASE_TERMS.items()}
+    phase = max(phases, key=lambda k: phases[k])
+    tensors = sum(persistent.values()) + phases[phase]
+    allocator = allocator or expected_allocator()
+    step_bytes = sum(cats.get(c, 0) for c in STEP_CATEGORIES)
+    slack = int(SLACK.get(allocator, SLACK["other"]) * step_bytes)
+    runtime = int(runtime_bytes) if runtime_bytes is not None else process.runtime_rss_bytes()
+    # the same parts as the measured breakdown (memory/profiler.py: BREAKDOWN): the phase's step categories that
+    # the measurement tags keep their names, the others are its transients
+    breakdown: dict[str, int] = {"runtime": runtime}
+    for k in ("weights", "adapter_weights", "optimizer_states"):
+        breakdown[k] = persistent.get(k, 0)
+    alive = PHASE_TERMS[phase]
+    for k in ("gradients", "activations", "logits"):
+        breakdown[k] = cats.get(k, 0) if k in alive else 0
+    breakdown["transients"] = sum(cats.get(c, 0) for c in alive if c not in ("gradients", "activations", "logits"))
+    for k, v in persistent.items():
+        breakdown.setdefault(k, v)
+    breakdown["slack"] = slack
+    breakdown["unaccounted"] = RUN_OVERHEAD
+    return {
+        "peak_bytes": runtime + RUN_OVERHEAD + tensors + slack,
+        "breakdown": breakdown,
+        "runtime": runtime,
+        "run_overhead": RUN_OVERHEAD,
+        "tensors": tensors,
+        "persistent": sum(persistent.values()),
+        "phase": phase,
+        "phases": phases,
+        "slack": slack,
+        "allocator": allocator,
+        "device_peak_bytes": tensors,
+    }

@@ -8,7 +8,7 @@ from typing import Any
 #: the categories both sides have, in display order
 MEASURED = ("weights", "adapter_weights", "gradients", "optimizer_states", "activations", "logits")
 SKIP = {"total_bytes", "inputs", "terms", "timeline", "peak_rss_bytes", "cuda_max_allocated_bytes",
-        "median_step_seconds"}
+        "median_step_seconds", "process", "predicted_peak", "host_offload"}
 MIB = 2**20
 
 
@@ -45,10 +45,53 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for cat, b in categories(est).items():
         if cat not in MEASURED:
             lines.append(f"  {cat + ' (transient)':<34}{b / MIB:>10.2f}{'-':>10}")
-    if "peak_rss_bytes" in meas:
+    proc = meas.get("process") if isinstance(meas.get("process"), dict) else None
+    pred = est.get("predicted_peak") if isinstance(est.get("predicted_peak"), dict) else None
+    if (proc and "breakdown" in proc) or pred:
+        lines.extend(process_lines(proc or {}, pred or {}, meas.get("peak_rss_bytes")))
+    elif "peak_rss_bytes" in meas:
         lines.append(f"  {'peak RSS (process)':<34}{'':>10}{meas['peak_rss_bytes'] / MIB:>10.0f}")
-    if "cuda_max_allocated_bytes" in meas:
-        lines.append(f"  {'CUDA max allocated':<34}{'':>10}{meas['cuda_max_allocated_bytes'] / MIB:>10.0f}")
+    if "cuda_max_allocated_bytes" in meas or (pred and est.get("inputs", {}).get("device") == "cuda"):
+        p = f"{pred['device_peak_bytes'] / MIB:>10.0f}" if pred else f"{'':>10}"
+        m = meas.get("cuda_max_allocated_bytes")
+        lines.append(f"  {'CUDA max allocated':<34}{p}{(m / MIB if m else 0):>10.0f}")
+    return lines
+
+
+#: rows of the process peak table: breakdown key -> label
+PROCESS_ROWS = {"runtime": "runtime (before the model)", "weights": "weights", "adapter_weights": "adapter_weights",
+                "optimizer_states": "optimizer_states", "gradients": "gradients (at the peak)",
+                "activations": "activations (at the peak)", "logits": "logits (at the peak)",
+                "transients": "transients (at the peak)", "slack": "allocator slack",
+                "unaccounted": "unaccounted / run overhead"}
+
+
+def process_lines(proc: dict[str, Any], pred: dict[str, Any], peak: int | None = None) -> list[str]:
+    """The process peak split, predicted beside measured (``memory/profiler.py: process_breakdown`` and
+    ``memory/estimate.py: predict_process_peak``)."""
+    meas_b, pred_b = proc.get("breakdown") or {}, pred.get("breakdown") or {}
+    alloc = (proc.get("allocator") or {}).get("kind") or pred.get("allocator") or ""
+    lines = [f"  {'process peak (MiB)':<34}{'predicted':>10}{'measured':>10}"]
+    keys = list(PROCESS_ROWS) + [k for k in {**pred_b, **meas_b} if k not in PROCESS_ROWS]
+    for k in keys:
+        if k not in meas_b and k not in pred_b:
+            continue
+        label = PROCESS_ROWS.get(k, k) + (f" ({alloc})" if k == "slack" and alloc else "")
+        p = f"{pred_b[k] / MIB:>10.1f}" if k in pred_b else f"{'-':>10}"
+        m = f"{meas_b[k] / MIB:>10.1f}" if k in meas_b else f"{'-':>10}"
+        lines.append(f"  {label:<34}{p}{m}")
+    measured = proc.get("peak_rss_bytes", peak)
+    predicted = pred.get("peak_bytes")
+    err = f"{(predicted - measured) / measured * 100:+.1f}%" if predicted and measured else ""
+    lines.append(f"  {'peak RSS (process)':<34}"
+                 + (f"{predicted / MIB:>10.0f}" if predicted else f"{'-':>10}")
+                 + (f"{measured / MIB:>10.0f}" if measured else f"{'-':>10}") + f"{err:>9}")
+    if pred.get("phase") or proc.get("peak_phase"):
+        step = (proc.get("peak_step") or {}).get("peak_phase")
+        lines.append(f"  {'peak phase':<34}{pred.get('phase', '-'):>10}{proc.get('peak_phase') or '-':>10}"
+                     + (f"  (tensors in the profiled step: {step})" if step else ""))
+    if proc.get("unaccounted_fraction") is not None:
+        lines.append(f"  {'unaccounted share of the peak':<34}{'':>10}{proc['unaccounted_fraction'] * 100:>9.1f}%")
     return lines
 
 
@@ -76,12 +119,35 @@ def plot_estimate(estimate: dict[str, Any], path: str, title: str = "memory esti
     return path
 
 
+#: band colours of the phases on the timelines
+PHASE_COLORS = {"load": "#c7c7c7", "build": "#9edae5", "eval": "#ffbb78", "train": "#dbdb8d", "forward": "#98df8a",
+                "backward": "#ff9896", "optimizer": "#c5b0d5", "save": "#c49c94", "start": "#f7f7f7",
+                "profile": "#7f7f7f"}
+
+
+def _bands(ax: Any, spans: list[dict[str, Any]], t0: float = 0.0, scale: float = 1.0, key: str = "") -> None:
+    seen: set[str] = set()
+    for sp in spans:
+        phase = sp["phase"]
+        color = PHASE_COLORS.get(phase, "#eeeeee")
+        start, end = sp.get("start" + key, 0.0), sp.get("end" + key, 0.0)
+        ax.axvspan((start - t0) * scale, (end - t0) * scale, color=color, alpha=0.5, lw=0,
+                   label=phase if phase not in seen else None)
+        seen.add(phase)
+
+
 def plot_report(report: dict[str, Any], path: str) -> str:
-    """Left: estimate vs measured by category. Right: per-step saved tensors and peak RSS."""
+    """Top: estimate vs measured by category; per-step saved tensors and peak RSS; the process peak split,
+    predicted vs measured. Bottom: RSS over the run with phase bands; live tensor bytes of the profiled step."""
     plt = _plt()
     est, meas = report["estimate"], report["measured"]
+    proc = meas.get("process") if isinstance(meas.get("process"), dict) else {}
+    pred = est.get("predicted_peak") if isinstance(est.get("predicted_peak"), dict) else {}
     cats = [c for c in MEASURED if est.get(c, 0) or meas.get(c, 0)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = plt.figure(figsize=(16, 9))
+    grid = fig.add_gridspec(2, 3)
+    left, right, split = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[0, 2])
+    rss_ax, step_ax = fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2])
     xs = range(len(cats))
     left.bar([x - 0.2 for x in xs], [est.get(c, 0) / MIB for c in cats], width=0.4, label="estimate")
     left.bar([x + 0.2 for x in xs], [meas.get(c, 0) / MIB for c in cats], width=0.4, label="measured")
@@ -98,6 +164,44 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     right.set_ylabel("MiB")
     right.set_title("per step")
     right.legend()
+    # the process peak, stacked: predicted | measured
+    parts = [k for k in {**(pred.get("breakdown") or {}), **(proc.get("breakdown") or {})}]
+    for name, col in (("predicted", pred.get("breakdown") or {}), ("measured", proc.get("breakdown") or {})):
+        bottom = 0.0
+        for i, k in enumerate(parts):
+            v = col.get(k, 0) / MIB
+            if v > 0:
+                split.bar([name], [v], bottom=bottom, color=f"C{i % 10}", label=k if name == "measured" or
+                          k not in (proc.get("breakdown") or {}) else None)
+                bottom += v
+    if proc.get("peak_rss_bytes"):
+        split.axhline(proc["peak_rss_bytes"] / MIB, color="k", ls="--", lw=1, label="peak RSS")
+    split.set_ylabel("MiB")
+    split.set_title("process peak: predicted vs measured")
+    if parts:
+        split.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    # RSS over the run
+    tl = proc.get("rss_timeline") or {}
+    if tl.get("t"):
+        _bands(rss_ax, tl.get("spans") or [])
+        rss_ax.plot(tl["t"], [r / MIB for r in tl["rss"]], color="k", lw=1, label="RSS")
+        rss_ax.legend(fontsize=7, ncol=5, loc="lower right")
+    rss_ax.set_xlabel("seconds")
+    rss_ax.set_ylabel("MiB")
+    rss_ax.set_title("RSS over the run, by phase")
+    # the profiled step's live tensor bytes
+    ps = proc.get("peak_step") or {}
+    if ps.get("timeline"):
+        _bands(step_ax, ps.get("phases") or [], key="_ms")
+        step_ax.plot([p[0] for p in ps["timeline"]], [p[1] / MIB for p in ps["timeline"]], color="k", lw=1,
+                     label="live tensor bytes")
+        step_ax.axvline(ps.get("peak_ms", 0), color="r", ls=":", lw=1, label=f"peak ({ps.get('peak_phase')})")
+        step_ax.legend(fontsize=7)
+        step_ax.set_title(f"profiled step {ps.get('step', '')}: live tensors (allocator-owned)")
+    else:
+        step_ax.set_title("profiled step: not profiled")
+    step_ax.set_xlabel("ms")
+    step_ax.set_ylabel("MiB")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -58,3 +58,42 @@ def test_zero_stages_partition_their_categories():
             assert four[cat] == (-(-b // 4) if cat in parted else b), (stage, cat)
     with pytest.raises(ValueError, match="ZeRO stage"):
         estimate_memory("tiny", {}, zero_stage=4)
+
+
+# --- the predicted process peak --------------------------------------------------------------------------------
+
+
+def test_predicted_peak_is_runtime_tensors_of_the_largest_phase_and_slack():
+    from hf_memkit.memory.estimate import PHASE_TERMS, RUN_OVERHEAD, SLACK
+
+    mem = estimate_memory("tiny", "default", batch_size=8, seq_len=128)
+    cats = mem.categories()
+    p = mem.predict_peak(runtime_bytes=500 * 2**20, allocator="glibc_fixed")
+    phases = {ph: sum(cats.get(c, 0) for c in terms) for ph, terms in PHASE_TERMS.items()}
+    assert p["phase"] == max(phases, key=phases.get) and p["phases"] == phases
+    persistent = sum(v for k, v in cats.items() if k not in mem.to_dict()["predicted_peak"]["phases"]
+                     and not any(k in t for t in PHASE_TERMS.values()))
+    assert p["tensors"] == persistent + phases[p["phase"]] == p["device_peak_bytes"]
+    step = sum(cats.get(c, 0) for c in {c for t in PHASE_TERMS.values() for c in t})
+    assert p["slack"] == int(SLACK["glibc_fixed"] * step)
+    assert p["peak_bytes"] == 500 * 2**20 + RUN_OVERHEAD + p["tensors"] + p["slack"] == sum(p["breakdown"].values())
+    # the stock glibc keeps more of what a step frees than mimalloc does
+    assert mem.predict_peak(0, "glibc")["slack"] > mem.predict_peak(0, "mimalloc")["slack"]
+    assert mem.to_dict()["predicted_peak"]["allocator"] == "mimalloc"
+
+
+def test_predicted_runtime_is_measured_when_not_given():
+    from hf_memkit.memory import process
+
+    mem = estimate_memory("tiny", {}, batch_size=1, seq_len=16)
+    p = mem.predict_peak()
+    assert 0 < p["runtime"] <= process.peak_rss_bytes()
+    assert p["allocator"] in ("glibc", "glibc_fixed", "mimalloc", "other")
+
+
+def test_memkit_estimate_prints_the_predicted_peak(capsys):
+    from hf_memkit.cli import main
+
+    assert main(["estimate", "--model", "tiny", "--recipe", "default", "--batch-size", "2", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak RSS of a training process" in out and "slack" in out

@@ -88,3 +88,74 @@ def test_estimate_matches_measurement_on_tiny(recipe, tiny_model, tiny_dataset, 
         assert est.get(cat, 0) == pytest.approx(measured[cat], rel=0.02, abs=64), cat
     assert measured["peak_rss_bytes"] > 0 and measured["median_step_seconds"] > 0
     assert measured["timeline"][0]["activations"] == measured["activations"]
+
+
+# --- the process peak ------------------------------------------------------------------------------------------
+
+
+def test_the_breakdown_sums_to_the_peak_exactly():
+    from hf_memkit.memory.profiler import BREAKDOWN, process_breakdown
+
+    parts = process_breakdown(1000, 300, {"weights": 200, "activations": 50, "transients": 25, "co2_state": 7}, 150)
+    assert sum(parts.values()) == 1000 and parts["unaccounted"] == 1000 - 300 - 200 - 50 - 25 - 7 - 150
+    assert list(parts)[: len(BREAKDOWN) - 2] == list(BREAKDOWN[:-2]) and "co2_state" in parts
+    assert process_breakdown(10, 30, {}, 0)["unaccounted"] == -20  # a negative remainder stays visible
+
+
+@pytest.fixture
+def fresh_sampler():
+    from hf_memkit.memory import process
+
+    process.stop_sampler()
+    yield process
+    process.stop_sampler()
+
+
+def test_a_profiled_step_accounts_for_the_process_peak(fresh_sampler, tiny_model, tiny_dataset, tmp_path):
+    """Default recipe on the tiny model, 2 steps, the 2nd profiled, one evaluation: the profiled peak covers the
+    counted tensors, the peak splits exactly, phases are sampled, and the report is strict JSON."""
+    import json
+
+    from hf_memkit import MemkitTrainer
+    from hf_memkit.memory.profiler import MemoryReportCallback
+    from tests.conftest import make_args
+
+    process = fresh_sampler
+    process.mark("load")
+    cb = MemoryReportCallback(profile_step=2)
+    trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=2, per_device_eval_batch_size=8),
+                            train_dataset=tiny_dataset, eval_dataset=tiny_dataset.select(range(8)), callbacks=[cb],
+                            recipe="default")
+    process.mark("build")
+    trainer.train()
+    trainer.evaluate()
+    rep = cb.report()
+    proc = rep["process"]
+    assert sum(proc["breakdown"].values()) == proc["peak_rss_bytes"] == rep["peak_rss_bytes"]
+    ps = proc["peak_step"]
+    assert ps["step"] == 2 and ps["peak_phase"] in ("forward", "backward", "optimizer")
+    persistent = rep["weights"] + rep["adapter_weights"] + rep["optimizer_states"]
+    assert ps["tensor_peak_bytes"] >= persistent + max(rep["activations"] + rep["logits"], rep["gradients"])
+    assert ps["at_peak"]["transients"] > 0 and ps["analysis_seconds"] < 5
+    assert {p["phase"] for p in ps["phases"]} >= {"forward", "backward", "optimizer"}
+    eb = proc["eval_batch"]
+    assert eb["window_peak_bytes"] > 0 and set(eb["at_peak"]) == {"transients"}
+    spans = {s["phase"] for s in proc["rss_timeline"]["spans"]}
+    assert {"load", "build", "forward", "backward", "optimizer", "eval"} <= spans
+    assert proc["runtime"]["before_model"]["source"] == "load mark"
+    assert json.loads(json.dumps(rep, allow_nan=False)) == json.loads(json.dumps(rep))
+
+
+def test_profiling_can_be_switched_off(fresh_sampler, tiny_model, tiny_dataset, tmp_path):
+    from hf_memkit import MemkitTrainer
+    from hf_memkit.memory.profiler import MemoryReportCallback
+    from tests.conftest import make_args
+
+    cb = MemoryReportCallback(profile_step=0, profile_eval=False, sample=False, runtime=100 * 2**20)
+    MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=2), train_dataset=tiny_dataset,
+                  callbacks=[cb], recipe="lora").train()
+    proc = cb.report()["process"]
+    assert cb.peak_step is None and "peak_step" not in proc and "rss_timeline" not in proc
+    assert fresh_sampler.sampler() is None  # nothing started a sampler
+    assert proc["tensors_from"] == "measured maxima" and proc["breakdown"]["runtime"] == 100 * 2**20
+    assert sum(proc["breakdown"].values()) == proc["peak_rss_bytes"]
