@@ -27,7 +27,8 @@ class Bf16Config(TechniqueConfig):
     the weight's dtype. The run's optimizer is wrapped: for each 16-bit parameter it steps an fp32 copy of the
     weight and gradient (its state is what it keeps for an fp32 parameter: fp32 moments for torch AdamW, 8-bit
     for bitsandbytes), then writes the result back with ``update``. Weight decay is applied in fp32 before the
-    rounding, so it survives in expectation.
+    rounding, so it survives in expectation. A weight larger than ``step_chunk_mib`` of fp32 (SmolLM2's tied
+    embedding) is stepped a slice of rows at a time, so the step's fp32 scratch is one slice's, not the weight's.
 
     Plain PyTorch equivalent: ``model.to(torch.bfloat16)`` plus torchao's ``_AdamW(..., bf16_stochastic_round=True)``
     — which also computes activations in bf16 (slow on CPUs without bf16 instructions) and keeps bf16 optimizer
@@ -61,3 +62,12 @@ class Bf16Config(TechniqueConfig):
         "TrainingArguments.seed); data-parallel ranks share it, so replicas stay identical")
     skip_modules: list[str] = Field(
         default_factory=list, description="module names (or name suffixes, e.g. lm_head) whose weights stay fp32")
+    step_chunk_mib: float = Field(
+        4.0, ge=0, description="a 16-bit weight whose fp32 copy is larger than this (MiB) is stepped in slices of "
+        "rows of at most about this size, so its fp32 copy, fp32 gradient and the optimizer's temporaries exist "
+        "only one slice at a time (torch Adam/AdamW and bitsandbytes' 8-bit Adam/AdamW; other optimizers step "
+        "whole weights); same result (bit for bit with kahan/nearest). 0 = never slice")
+
+    def step_chunk_numel(self) -> int:
+        """``step_chunk_mib`` in fp32 elements (the ``step_chunk`` of the optimizer wrapper)."""
+        return int(self.step_chunk_mib * 2**20) // 4

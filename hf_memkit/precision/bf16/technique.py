@@ -93,7 +93,7 @@ class Bf16Technique(Technique):
         if self.rng is None:
             seed = self.config.seed if self.config.seed is not None else int(getattr(args, "seed", 0) or 0)
             self.rng = RoundingRNG(seed)
-        self.optimizer = WriteBack16(optimizer, self.config.update, self.rng)
+        self.optimizer = WriteBack16(optimizer, self.config.update, self.rng, self.config.step_chunk_numel())
         steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
         if steps > 1:
             logger.warning(

@@ -51,7 +51,7 @@ def test_load_dtype_and_loading_without_an_fp32_copy(tiny_path):
 
     assert load_dtype("bf16_full") is torch.bfloat16
     assert load_dtype({"precision": {"bf16": {"dtype": "float16"}}}) is torch.float16
-    assert load_dtype("default") is None and load_dtype(None) is None
+    assert load_dtype({"optimizer": {"adamw": {}}}) is None and load_dtype(None) is None
     model, _ = load_model_and_tokenizer(str(tiny_path), dtype=load_dtype("bf16_full"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
