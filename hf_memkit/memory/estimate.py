@@ -240,12 +240,15 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
 #: phase. forward: at the end of the loss, every saved tensor and the loss's buffers; backward: while a
 #: checkpointed layer is recomputed, the saved tensors, that layer's set and the gradients (all counted whole:
 #: exact for adapters, whose gradients are small; for a full fine-tune an upper bound by the part of the
-#: activations already freed); optimizer: the gradients and the precision technique's fp32 scratch. Measured on
-#: the default recipe (profiled step, :mod:`hf_memkit.memory.peak`): SmolLM2 peaks at the end of the forward with
-#: 130.5 MiB where this says 129.8 (backward); the tiny model in backward with 5.7 MiB where this says 4.9
+#: activations already freed); optimizer: the gradients. The precision technique's fp32 scratch (a weight block
+#: upcast in a Linear, or one weight and its gradient in the step) is alive in every phase. Measured with the
+#: profiled step (:mod:`hf_memkit.memory.peak`), default recipe: SmolLM2 (fp32 base, 4 x 256) peaks at the end of
+#: the forward with 130.5 MiB above the persistent tensors where this says 129.8 (backward); with the bf16 base,
+#: 137.1 MiB at the end of the forward where this says 133.4 (forward) and 145.8 (backward); the tiny model in
+#: backward with 5.7 MiB where this says 4.9
 PHASE_TERMS: dict[str, tuple[str, ...]] = {
-    "forward": ("activations", "logits", "loss_buffers"),
-    "backward": ("activations", "activations_recompute", "gradients"),
+    "forward": ("activations", "logits", "loss_buffers", "precision_buffers"),
+    "backward": ("activations", "activations_recompute", "gradients", "precision_buffers"),
     "optimizer": ("gradients", "precision_buffers"),
 }
 STEP_CATEGORIES = frozenset(c for terms in PHASE_TERMS.values() for c in terms)

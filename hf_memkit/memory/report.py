@@ -166,13 +166,14 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     right.legend()
     # the process peak, stacked: predicted | measured
     parts = [k for k in {**(pred.get("breakdown") or {}), **(proc.get("breakdown") or {})}]
+    labelled: set[str] = set()
     for name, col in (("predicted", pred.get("breakdown") or {}), ("measured", proc.get("breakdown") or {})):
         bottom = 0.0
         for i, k in enumerate(parts):
             v = col.get(k, 0) / MIB
-            if v > 0:
-                split.bar([name], [v], bottom=bottom, color=f"C{i % 10}", label=k if name == "measured" or
-                          k not in (proc.get("breakdown") or {}) else None)
+            if v > 0:  # (a negative unaccounted is not drawn: the dashed line shows the peak)
+                split.bar([name], [v], bottom=bottom, color=f"C{i % 10}", label=None if k in labelled else k)
+                labelled.add(k)
                 bottom += v
     if proc.get("peak_rss_bytes"):
         split.axhline(proc["peak_rss_bytes"] / MIB, color="k", ls="--", lw=1, label="peak RSS")
