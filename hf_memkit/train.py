@@ -220,16 +220,21 @@ def train(opts: TrainOptions) -> dict[str, Any]:
           f"{args.per_device_train_batch_size} x {seq_len} tokens"
           + (f", resuming from {resume if resume is not True else 'the last checkpoint'}" if resume else ""),
           flush=True)
+    from .memory import process
     from .precision.bf16.loading import load_dtype
 
+    host_memory.page_out_libraries()  # what the imports touched and training never runs again
+    process.mark("load")  # the RSS here is the run's runtime (interpreter, libraries, nothing of the model)
     # a recipe that stores weights in 16 bits loads them so (no fp32 copy; the named SmolLM2 from its 16-bit file)
     model, tok = load_model_and_tokenizer(opts.model if opts.model in ("tiny", "smollm2") else str(path),
                                           dtype=load_dtype(recipe))
+    process.mark("build")
     train_texts, eval_texts = split_topics()
     tokens_needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     train_ds = block_dataset(train_texts, tok, seq_len, max_blocks=max(tokens_needed, 1))
     eval_ds = block_dataset(eval_texts, tok, seq_len, max_blocks=defaults["eval_blocks"])
     estimate = estimate_memory(model.config, recipe, batch_size=args.per_device_train_batch_size, seq_len=seq_len)
+    estimate.predict_peak(runtime_bytes=process.baseline_rss(), allocator=process.allocator_kind())
     profiler = MemoryReportCallback()
     trainer = MemkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=default_data_collator, processing_class=tok, callbacks=[profiler],
@@ -252,6 +257,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     ppl_after = perplexity(trainer)
     steps = result.global_step
     tokens = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * seq_len
+    process.mark("save")
     trainer.save_model(args.output_dir)
     summary = {
         **base, "status": "finished", "steps": steps, "train_tokens": tokens, "train_seconds": round(seconds, 2),
