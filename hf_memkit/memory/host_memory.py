@@ -199,6 +199,25 @@ def page_out_libraries() -> int:
     return released
 
 
+def collect() -> None:
+    """Give the allocator's free memory back to the OS now (mimalloc: ``mi_collect(true)``; glibc:
+    ``malloc_trim(0)``). The memory report calls it before it analyses its profiled step, so that the analysis
+    reuses what the step freed instead of adding to the process peak."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if active() == "mimalloc":
+            lib = ctypes.CDLL(mimalloc_library() or "libmimalloc.so")
+            lib.mi_collect.argtypes, lib.mi_collect.restype = (ctypes.c_bool,), None
+            lib.mi_collect(True)
+        else:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):  # another C library, or no such symbol: nothing to do
+        pass
+
+
 def _rss_file() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -224,3 +243,4 @@ def describe() -> dict[str, Any]:
         out["settings"] = env
     out["library_pages_released_bytes"] = _state["paged_out_bytes"]
     return out
+

@@ -276,8 +276,13 @@ class MemoryReportCallback(TrainerCallback):
             if ok:
                 if self.sample:
                     process.mark("profile")
+                from .host_memory import collect
+
+                collect()
                 w = region.stop()
                 self.eval_batch = self._finish(w, base, [], region)
+                del w
+                collect()
                 if self.sample:
                     process.mark("eval")
             else:
@@ -371,6 +376,12 @@ class MemoryReportCallback(TrainerCallback):
         self.step_seconds.append(time.perf_counter() - self._t0)
         if self._region is not None:
             region, self._region = self._region, None
+            from .host_memory import collect
+
+            # what the step freed goes back first, so the analysis reuses it rather than adding to the peak (held
+            # until the end of the run instead, the profiler's events cost more than their analysis: measured
+            # 1,242-1,264 MiB against 1,112-1,128 on SmolLM2's default recipe)
+            collect()
             if self.sample:  # the profiler's results and their analysis take memory too: label it
                 process.mark("profile")
             w = region.stop()
@@ -382,7 +393,8 @@ class MemoryReportCallback(TrainerCallback):
             self.peak_step = {"step": state.global_step, **self._finish(w, ctx["base"], tags, region)}
             self.peak_step["step_seconds"] = round(self.step_seconds[-1], 3)
             self._ctx = {}
-            del w
+            del w, region
+            collect()
             if self.sample:
                 process.mark("train")
         if model is not None:
