@@ -64,6 +64,8 @@ class MemoryEstimate:
     #: host RAM per rank for ZeRO CPU/NVMe offload (:mod:`hf_memkit.memory.host`), kept apart from the device
     #: categories: ``to_dict()["host_offload"]``
     host: dict[str, int] = field(default_factory=dict)
+    #: the optimizer technique that steps inside backward (gradient release), else None
+    gradient_release: str | None = None
     #: the predicted process peak once :meth:`predict_peak` ran: ``to_dict()["predicted_peak"]``
     prediction: dict[str, Any] | None = None
 
@@ -227,6 +229,11 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
     add_activation_terms(mem, config)
     for p in mem.trainable():
         mem.add("gradients", p.numel * mem.dtype_bytes, "autograd", "")
+    if mem.gradient_release:  # the optimizer steps each parameter in backward and frees its gradient at once
+        # a parameter stored narrower than the model dtype (precision slot) has a gradient of its storage dtype
+        sizes = [p.numel * min(mem.dtype_bytes, max(1, p.storage_bytes // max(p.numel, 1))) for p in mem.trainable()]
+        mem.replace_category("gradients", max(sizes, default=0), mem.gradient_release,
+                             "gradient release: one gradient alive at once (no accumulation)")
     if not recipe.slot("optimizer"):
         # the stock Trainer's default optimizer is AdamW (torch): two fp32 moments per trainable element
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), "trainer default adamw")

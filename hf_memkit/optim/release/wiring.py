@@ -144,11 +144,8 @@ def describe_release(optimizer: Any) -> str:
 
 
 def estimate_release(technique: Any, mem: Any) -> None:
-    """Gradients alive at once: the largest trainable tensor's instead of all of them. The estimator adds the
-    full ``gradients`` term after the technique hooks, so this adds the (negative) difference. It assumes
-    ``gradient_accumulation_steps`` 1, which the estimator does not see (with accumulation all gradients stay)."""
-    sizes = [p.numel for p in mem.trainable()]
-    if sizes:
-        freed = (sum(sizes) - max(sizes)) * mem.dtype_bytes
-        mem.add("gradients", -freed, technique.name,
-                "gradient release: only the largest gradient is alive at once (no accumulation)")
+    """Gradients alive at once: the largest trainable tensor's instead of all of them. The estimator applies it
+    after it has counted every gradient (``MemoryEstimate.gradient_release``), in each gradient's own dtype (a
+    16-bit weight of the precision slot has a 16-bit gradient). It assumes ``gradient_accumulation_steps`` 1,
+    which the estimator does not see (with accumulation all gradients stay)."""
+    mem.gradient_release = technique.name
