@@ -63,13 +63,12 @@ def _recipe_file(name: str, folder: str) -> str:
     return path
 
 
-def predicted_peak(recipe: str, model: str) -> int | None:
-    """The estimate's predicted process peak for ``recipe`` (None when the estimator cannot say)."""
+def predicted_peak(recipe: str, model: str, runtime: int, allocator: str) -> int | None:
+    """The estimate's predicted process peak for ``recipe`` with this row's measured runtime and allocator."""
     from hf_memkit.memory.estimate import estimate_memory
 
-    est = estimate_memory(model, recipe, batch_size=BATCH, seq_len=SEQ).to_dict()
-    peak = est.get("predicted_peak") or {}
-    return peak.get("process_peak_bytes") if isinstance(peak, dict) else peak
+    est = estimate_memory(model, recipe, batch_size=BATCH, seq_len=SEQ)
+    return est.predict_peak(runtime_bytes=runtime, allocator=allocator).get("peak_bytes")
 
 
 def stock_row(row: str, model_name: str, steps: int, out: str) -> dict:
@@ -113,7 +112,8 @@ def stock_row(row: str, model_name: str, steps: int, out: str) -> dict:
     report = cb.report()
     return {"row": row, "perplexity": math.exp(loss) if loss < 50 else float("inf"), "report": report,
             "peak_rss_bytes": process.peak_rss_bytes(),
-            "predicted": predicted_peak(_recipe_file(STOCK[row], out), model_name) if STOCK[row] else None}
+            "predicted": predicted_peak(_recipe_file(STOCK[row], out), model_name, runtime, process.allocator_kind())
+            if STOCK[row] else None}
 
 
 def memkit_row(row: str, model_name: str, steps: int, out: str) -> dict:
@@ -130,7 +130,8 @@ def memkit_row(row: str, model_name: str, steps: int, out: str) -> dict:
     with open(os.path.join(out, "memory_report.json")) as f:
         report = json.load(f)
     return {"row": row, "perplexity": summary["perplexity_after"], "report": report["measured"],
-            "peak_rss_bytes": summary["peak_rss_bytes"], "predicted": predicted_peak(recipe, model_name),
+            "peak_rss_bytes": summary["peak_rss_bytes"],
+            "predicted": (report["estimate"].get("predicted_peak") or {}).get("peak_bytes"),
             "allocator": summary.get("host_memory", {}).get("allocator")}
 
 
