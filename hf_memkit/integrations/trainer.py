@@ -325,7 +325,16 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
         ckpt = resolve_resume(resume_from_checkpoint, trainer.args.output_dir, bool(runtime.stateful()))
         if isinstance(ckpt, str):
             runtime.load_state(ckpt)
-        result = originals["train"](ckpt if isinstance(ckpt, str) else resume_from_checkpoint, *args, **kwargs)
+        try:
+            result = originals["train"](ckpt if isinstance(ckpt, str) else resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            # the run stopped mid-step (the divergence guard, Ctrl-C, an error): callbacks holding something
+            # per step (the memory profiler's running profiler) let go of it now, not at interpreter exit
+            for cb in trainer.callback_handler.callbacks:
+                abort = getattr(cb, "memkit_abort", None)
+                if abort is not None:
+                    abort()
+            raise
         if trainer.args.should_save:
             runtime.finalize(trainer.model, trainer.args.output_dir)
         return result

@@ -37,8 +37,10 @@ steps' own peak; under glibc it stayed below). Stacks (``with_stack``) are not r
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -192,6 +194,19 @@ def _downsample(series: list[tuple[int, int]], max_points: int) -> list[tuple[in
     return out
 
 
+_ACTIVE: "weakref.WeakSet[RegionProfiler]" = weakref.WeakSet()
+
+
+def _abandon_all() -> None:
+    """At interpreter exit: a profiler left running (an exception unwound the step before ``stop``) is stopped
+    while torch is still whole; left to the interpreter's teardown, kineto's profiler segfaults the process."""
+    for region in list(_ACTIVE):
+        region.abandon()
+
+
+atexit.register(_abandon_all)
+
+
 class RegionProfiler:
     """Profile one region with allocation events and ``memkit::<phase>`` ranges.
 
@@ -222,6 +237,7 @@ class RegionProfiler:
         self._prof = profile(use_cpu=True, use_device="cuda" if cuda else None, profile_memory=True,
                              record_shapes=False, with_stack=False, use_kineto=True)
         self._prof.__enter__()
+        _ACTIVE.add(self)
         if phase:
             self.phase(phase)
 
@@ -242,6 +258,7 @@ class RegionProfiler:
     def stop(self) -> Window:
         self._close()
         prof, self._prof = self._prof, None
+        _ACTIVE.discard(self)
         prof.__exit__(None, None, None)
         t = time.perf_counter()
         w = collect(prof)
@@ -258,3 +275,4 @@ class RegionProfiler:
         except Exception:  # pragma: no cover
             pass
         self._prof = None
+        _ACTIVE.discard(self)

@@ -421,9 +421,14 @@ class MemoryReportCallback(TrainerCallback):
             process.mark(self._before_eval or "train")
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._region is not None:  # the run stopped inside the profiled step
+        self.memkit_abort()
+
+    def memkit_abort(self) -> None:
+        """The run stopped inside the profiled step: stop the profiler without analysing it."""
+        if self._region is not None:
             self._region.abandon()
             self._region = None
+            self._ctx = {}
 
     # -- the report
     def report(self) -> dict[str, Any]:

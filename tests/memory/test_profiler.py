@@ -159,3 +159,30 @@ def test_profiling_can_be_switched_off(fresh_sampler, tiny_model, tiny_dataset, 
     assert fresh_sampler.sampler() is None  # nothing started a sampler
     assert proc["tensors_from"] == "measured maxima" and proc["breakdown"]["runtime"] == 100 * 2**20
     assert sum(proc["breakdown"].values()) == proc["peak_rss_bytes"]
+
+
+def test_a_run_stopped_inside_the_profiled_step_stops_the_profiler(fresh_sampler, tiny_model, tiny_dataset,
+                                                                    tmp_path):
+    """An exception in the profiled step (the divergence guard, Ctrl-C) never reaches ``on_step_end`` or
+    ``on_train_end``: the trainer lets the profiler go as the exception passes, so no profiler keeps recording in a
+    notebook that caught it (and none is left for the interpreter's teardown, where kineto segfaulted)."""
+    from transformers import TrainerCallback
+
+    from hf_memkit import MemkitTrainer
+    from hf_memkit.memory import peak
+    from hf_memkit.memory.profiler import MemoryReportCallback
+    from tests.conftest import make_args
+
+    class Boom(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step + 1 == 2:
+                raise KeyboardInterrupt
+
+    cb = MemoryReportCallback(profile_step=2, sample=False)
+    trainer = MemkitTrainer(model=tiny_model, args=make_args(tmp_path, max_steps=3), train_dataset=tiny_dataset,
+                            callbacks=[cb, Boom()], recipe="lora")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert cb._region is None and cb.peak_step is None
+    assert len(peak._ACTIVE) == 0
+    assert torch.autograd.profiler._is_profiler_enabled is False
