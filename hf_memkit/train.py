@@ -1,7 +1,10 @@
 """``memkit train``: fine-tune a model (default: the embedded SmolLM2-135M-Instruct) on the embedded corpus
 with a recipe (default: ``recipes/default.yaml``), reporting eval perplexity before and after, tokens/s and
 peak memory. Precedence of TrainingArguments: memkit's defaults < the recipe's training_args < flags given
-on the command line.
+on the command line. ``--token-budget N`` (and ``--packing``) trains on the corpus's paragraphs (mixed lengths,
+cut at ``--max-seq-len``) in batches of at most N tokens instead of fixed blocks
+(:mod:`hf_memkit.integrations.token_budget`); both reach :func:`train` among the flags the command-line parser
+passes on.
 """
 
 from __future__ import annotations
@@ -44,6 +47,47 @@ class TrainOptions:
     divergence_guard: bool = True  # add guard: [{divergence_guard: {}}] unless the recipe has a guard
     overwrite: bool = False  # start over in an output folder that holds an earlier run's checkpoints
     allocator: str | None = None  # host_memory.CHOICES; None: $HF_MEMKIT_ALLOCATOR, else auto
+    token_budget: int | None = None  # batches of at most N tokens over the corpus's paragraphs (--token-budget N)
+    packing: bool = False  # with token_budget: pack each batch into one row instead of padding (--packing)
+
+
+def split_batching_flags(extra: list[str]) -> tuple[int | None, bool, list[str]]:
+    """``--token-budget N`` (or ``=N``) and ``--packing`` taken out of the flags ``memkit train`` passes on (the
+    command-line parser hands every flag it does not know to :func:`train`); returns (budget, packing, the rest)."""
+    budget, packing, rest = None, False, []
+    i = 0
+    while i < len(extra):
+        name, eq, value = extra[i].partition("=")
+        if name in ("--token-budget", "--token_budget"):
+            if not eq:
+                if i + 1 >= len(extra):
+                    raise MemkitError("--token-budget needs a number of tokens\n  fix: e.g. --token-budget 2048")
+                i += 1
+                value = extra[i]
+            try:
+                budget = int(value)
+            except ValueError:
+                raise MemkitError(f"--token-budget {value!r} is not an integer\n  fix: e.g. --token-budget 2048") \
+                    from None
+            if budget < 1:
+                raise MemkitError(f"--token-budget must be at least 1, got {budget}\n  fix: e.g. --token-budget 2048")
+        elif extra[i] == "--packing":
+            packing = True
+        else:
+            rest.append(extra[i])
+        i += 1
+    return budget, packing, rest
+
+
+def _resolve_batching(opts: TrainOptions) -> TrainOptions:
+    """The options with the token-budget flags moved out of ``extra``; ``--packing`` alone is an error."""
+    budget, packing, rest = split_batching_flags(opts.extra)
+    opts = dataclasses.replace(opts, extra=rest, token_budget=budget or opts.token_budget,
+                               packing=packing or opts.packing)
+    if opts.packing and not opts.token_budget:
+        raise MemkitError("--packing packs token-budget batches, but no --token-budget was given\n"
+                          "  fix: add --token-budget N (N tokens per packed row), or drop --packing")
+    return opts
 
 
 def _parse_flags(extra: list[str], output_dir: str) -> Any:
@@ -185,10 +229,15 @@ def _with_guard(recipe: Any, enabled: bool) -> Any:
 def train(opts: TrainOptions) -> dict[str, Any]:
     from .recipe import load_recipe
 
+    opts = _resolve_batching(opts)  # --token-budget/--packing are memkit's, not TrainingArguments flags
     recipe = _with_guard(load_recipe(opts.recipe), opts.divergence_guard)  # a bad recipe stops here
     kind = opts.model if opts.model in ("tiny", "smollm2") else "path"
     defaults = MODEL_DEFAULTS[kind]
     seq_len = opts.max_seq_len or defaults["max_seq_len"]
+    if opts.token_budget and opts.token_budget < seq_len:
+        raise MemkitError(f"--token-budget {opts.token_budget} is smaller than the longest training sequence "
+                          f"(--max-seq-len {seq_len}): such a sequence would fit no batch\n"
+                          f"  fix: --token-budget {seq_len} or more, or --max-seq-len {opts.token_budget} or less")
 
     from .data.models import resolve_model_path
 
@@ -217,7 +266,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     print(f"hf_memkit: model {opts.model} ({path}), recipe {recipe.source} "
           f"[{', '.join(recipe.names()) or 'stock Trainer'}], {args.max_steps} steps x "
-          f"{args.per_device_train_batch_size} x {seq_len} tokens"
+          + (f"{args.per_device_train_batch_size} x {seq_len} tokens" if not opts.token_budget else
+             f"a budget of {opts.token_budget} tokens ({'packed' if opts.packing else 'padded'}; paragraphs of up "
+             f"to {seq_len} tokens)")
           + (f", resuming from {resume if resume is not True else 'the last checkpoint'}" if resume else ""),
           flush=True)
     from .memory import process
@@ -230,15 +281,33 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                                           dtype=load_dtype(recipe))
     process.mark("build")
     train_texts, eval_texts = split_topics()
-    tokens_needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-    train_ds = block_dataset(train_texts, tok, seq_len, max_blocks=max(tokens_needed, 1))
+    est_batch, est_len = args.per_device_train_batch_size, seq_len
+    if opts.token_budget:  # one example per paragraph (mixed lengths), enough real tokens for max_steps batches
+        from .data.corpus import paragraph_dataset
+
+        real_needed = args.max_steps * args.gradient_accumulation_steps * max(1, args.world_size) * opts.token_budget
+        train_ds = paragraph_dataset(train_texts, tok, seq_len, max_total_tokens=real_needed)
+        # the largest batch the budget allows: one row of the budget, or budget // seq_len rows of seq_len
+        est_batch, est_len = (1, opts.token_budget) if opts.packing else (max(1, opts.token_budget // seq_len),
+                                                                            seq_len)
+    else:
+        blocks_needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        train_ds = block_dataset(train_texts, tok, seq_len, max_blocks=max(blocks_needed, 1))
     eval_ds = block_dataset(eval_texts, tok, seq_len, max_blocks=defaults["eval_blocks"])
-    estimate = estimate_memory(model.config, recipe, batch_size=args.per_device_train_batch_size, seq_len=seq_len)
+    estimate = estimate_memory(model.config, recipe, batch_size=est_batch, seq_len=est_len)
     estimate.predict_peak(runtime_bytes=process.baseline_rss(), allocator=process.allocator_kind())
     profiler = MemoryReportCallback()
     trainer = MemkitTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=default_data_collator, processing_class=tok, callbacks=[profiler],
                             recipe=recipe, keep_args=explicit)
+    budget_run = None
+    if opts.token_budget:
+        from .integrations.token_budget import enable_token_budget
+
+        try:
+            budget_run = enable_token_budget(trainer, opts.token_budget, packing=opts.packing)
+        except ValueError as exc:
+            raise MemkitError(str(exc)) from None
     ppl_before = perplexity(trainer) if opts.eval_before else None
     if ppl_before is not None:
         print(f"hf_memkit: eval perplexity before training: {ppl_before:.3f}", flush=True)
@@ -257,6 +326,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     ppl_after = perplexity(trainer)
     steps = result.global_step
     tokens = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * seq_len
+    if budget_run is not None:  # the tokens of the examples, padding not counted
+        tokens = budget_run.stats.real_tokens
+        base["batching"] = {"token_budget": opts.token_budget, "mode": budget_run.mode,
+                            "padding_fraction": round(budget_run.stats.padding_fraction, 4),
+                            "token_slots": budget_run.stats.slots, "batches": budget_run.stats.batches}
     process.mark("save")
     trainer.save_model(args.output_dir)
     summary = {
@@ -317,6 +391,10 @@ def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
         ("peak RSS", f"{summary['peak_rss_bytes'] / 2**20:.0f} MiB"),
         ("allocator", _allocator_line(summary.get("host_memory") or {})),
     ]
+    batching = summary.get("batching")
+    if batching:
+        rows.insert(3, ("batches", f"token budget {batching['token_budget']} ({batching['mode']}), padding "
+                                   f"{100 * batching['padding_fraction']:.1f}% of {batching['token_slots']:,} slots"))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
     print("\n".join(summary_lines(report)), flush=True)
