@@ -27,6 +27,7 @@ _LAZY = {
     "MemkitCallback": ("hf_memkit.integrations.callback", "MemkitCallback"),
     "parse_memkit_args": ("hf_memkit.recipe_flags", "parse_memkit_args"),
     "estimate_memory": ("hf_memkit.memory.estimate", "estimate_memory"),
+    "plan": ("hf_memkit.planner", "plan"),
     "MixLoraConfig": ("hf_memkit.adapters.mixlora.peft_config", "MixLoraConfig"),
     "LorcConfig": ("hf_memkit.adapters.lorc.peft_config", "LorcConfig"),
 }
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapters.lorc.peft_config import LorcConfig
     from .adapters.mixlora.peft_config import MixLoraConfig
     from .memory.estimate import estimate_memory
+    from .planner import plan
 
 # MIXLORA and LORC become PEFT adapter types as soon as peft is imported (now, if it already is)
 from .integrations.peft_types import install_import_hook as _install_peft_types

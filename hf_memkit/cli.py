@@ -1,11 +1,14 @@
 """The ``memkit`` command line. The shapes below are a contract (DESIGN.md):
 
     memkit train    [--model tiny|smollm2|PATH] [--recipe FILE] [--max-steps N] [--max-seq-len N]
+                    [--token-budget N [--packing]]
                     [--output-dir DIR] [any TrainingArguments flag, e.g. --per_device_train_batch_size 2]
     memkit run      [--nproc-per-node N] SCRIPT.py [the script's args, including --memkit_recipe FILE]
     memkit run      trl|accelerate|deepspeed|torchrun|python [their args, including --memkit_recipe FILE]
     memkit estimate --model M --recipe FILE --batch-size B --seq-len L [--world-size N [--zero-stage S]]
                     [--json] [--plot PNG]
+    memkit plan     --budget 1GiB [--model M] [--seq-len L --batch-size B | --tokens-per-step T]
+                    [--device cpu|cuda] [--full-finetune] [--verify] [-o recipe.yaml] [--json]
     memkit compare  RECIPE... [--model M] [--steps N] [--json] [--plot PNG]
     memkit compress MODEL --recipe FILE -o DIR        (MODEL: tiny | smollm2 | PATH)
     memkit export   DIR [--push-to-hub REPO]
@@ -56,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not add the divergence guard (NaN/Inf or spiking loss, vanished gradients stop the run)")
     t.add_argument("--overwrite-output-dir", dest="overwrite", action="store_true",
                    help="start over in an output directory that holds an earlier run's checkpoints (deletes them)")
+    t.add_argument("--token-budget", type=_positive, default=None, metavar="N",
+                   help="batches of at most N tokens over the corpus's paragraphs (mixed lengths) instead of fixed "
+                   "blocks; padding fraction and tokens/s are reported")
+    t.add_argument("--packing", action="store_true",
+                   help="with --token-budget: pack each batch into one row (position ids reset per sequence, no "
+                   "attention across sequences) instead of padding")
     t.add_argument("--allocator", default=None, choices=("auto", "mimalloc", "glibc", "system"),
                    help="how freed host memory goes back to the OS (default: $HF_MEMKIT_ALLOCATOR, else auto = "
                    "mimalloc when installed, else glibc with a fixed mmap threshold; system = leave malloc alone)")
@@ -75,6 +84,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="DeepSpeed ZeRO stage: partitions optimizer state (1), + gradients (2), + weights (3)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--plot", default=None, metavar="PNG", help="also write a stacked-bar chart")
+
+    pl = sub.add_parser("plan", help="a memory budget in, the recipe expected to train best within it out",
+                        description="Search the combinations of registered techniques the recipe loader accepts, "
+                        "predict each one's peak with the estimator, rank those that fit by the project's measured "
+                        "priors (hf_memkit/planner/priors.yaml) and print the pick with the candidates beside it.")
+    pl.add_argument("--model", default="smollm2", help="tiny | smollm2 | PATH")
+    pl.add_argument("--budget", required=True, help="memory budget, e.g. 1GiB, 800MiB, 1.5GiB")
+    pl.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default 256)")
+    pl.add_argument("--batch-size", type=_positive, default=None, help="sequences per step (default 4)")
+    pl.add_argument("--tokens-per-step", type=_positive, default=None,
+                    help="tokens per optimizer step instead of --batch-size (the plan may split it into "
+                    "micro-batches with gradient accumulation)")
+    pl.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cpu: the budget is peak RSS; cuda: max_memory_allocated")
+    mode = pl.add_mutually_exclusive_group()
+    mode.add_argument("--full-finetune", action="store_true", help="only recipes that train every weight")
+    mode.add_argument("--adapter-ok", action="store_true", help="adapters (LoRA, QLoRA) may be picked (default)")
+    pl.add_argument("--verify", action="store_true", help="train the pick for --verify-steps steps and print the "
+                    "measured peak beside the prediction")
+    pl.add_argument("--verify-steps", type=_positive, default=4)
+    pl.add_argument("-o", "--output", default=None, metavar="FILE", help="write the picked recipe here")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     c = sub.add_parser("compare", help="run recipes side by side (one process each) and tabulate memory")
     c.add_argument("recipes", nargs="+", help="recipe files or bundled names; the first is the reference")
@@ -143,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             return _estimate(ns)
         if ns.command == "compare":
             return _compare(ns)
+        if ns.command == "plan":
+            return _plan(ns)
         if ns.command == "recipes":
             return _recipes(ns, parser)
         if ns.command == "compress":
@@ -171,7 +204,8 @@ def _train(ns: argparse.Namespace, extra: list[str]) -> int:
         summary = train(TrainOptions(model=ns.model, recipe=ns.recipe, max_steps=ns.max_steps,
                                      max_seq_len=ns.max_seq_len, output_dir=ns.output_dir, extra=extra,
                                      eval_before=ns.eval_before, divergence_guard=ns.divergence_guard,
-                                     overwrite=ns.overwrite, allocator=ns.allocator))
+                                     overwrite=ns.overwrite, allocator=ns.allocator,
+                                     token_budget=ns.token_budget, packing=ns.packing))
     if summary.get("verdict") in ("collapsed", "diverged"):
         print(f"memkit: the trained model {summary['verdict']} (eval perplexity {summary['perplexity_after']})\n"
               "  fix: lower the learning rate or add warmup; see train_summary.json", file=sys.stderr)
@@ -270,6 +304,52 @@ def _estimate(ns: argparse.Namespace) -> int:
         print(f"predicted peak RSS of a training process: {peak['peak_bytes'] / 2**20:.0f} MiB ({parts}; tensors "
               f"peak in {peak['phase']}; slack for {peak['allocator']})")
     return EXIT_OK
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from .atomic import write_text
+    from .planner import plan
+    from .planner.verify import describe, verify
+
+    p = plan(ns.model, ns.budget, seq_len=ns.seq_len, batch_size=ns.batch_size, tokens_per_step=ns.tokens_per_step,
+             device=ns.device, full_finetune=ns.full_finetune)
+    checked = None
+    if p.pick is not None and ns.verify:
+        try:
+            checked = verify(p, steps=ns.verify_steps)
+        except RuntimeError as exc:
+            raise MemkitError(str(exc)) from None
+    if ns.json:
+        print(json.dumps(plan_json(p, checked), indent=1))
+    else:
+        print(p.explain())
+        if checked is not None:
+            print(describe(checked))
+    if p.pick is None:
+        return EXIT_FAIL
+    if ns.output:
+        write_text(ns.output, f"# memkit plan --budget {ns.budget} --model {ns.model}: "
+                          f"{p.batch_size} x {p.seq_len} tokens per step; train with "
+                          + " ".join(f"--{k} {v}" for k, v in p.training_args().items()) + "\n"
+                          + p.recipe.to_yaml())
+        if not ns.json:
+            print(f"wrote {ns.output}")
+    if checked is not None and not checked["within"]:
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def plan_json(p, checked=None) -> dict:
+    def row(s):
+        return {"candidate": s.label, "predicted_peak_bytes": s.peak_bytes, "predicted_step_seconds": s.step_seconds,
+                "expected_perplexity": s.perplexity, "prior_row": s.prior_row, "fits": s.fits}
+
+    return {"model": p.model, "budget_bytes": p.budget_bytes, "device": p.device, "batch_size": p.batch_size,
+            "seq_len": p.seq_len, "pick": row(p.pick) if p.pick else None,
+            "recipe": p.pick.candidate.recipe() if p.pick else None, "training_args": p.training_args(),
+            "fitting": [row(s) for s in p.fitting], "nearest_over": [row(s) for s in p.over[:3]],
+            "unmeasured": p.unmeasured, "refused": len(p.refused), "suggestion": p.suggestion,
+            "priors": p.priors.source, "verify": checked}
 
 
 def _recipes(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -264,6 +264,15 @@ STEP_CATEGORIES = frozenset(c for terms in PHASE_TERMS.values() for c in terms)
 #: freed within a step (the step categories: activations, logits, loss buffers, recompute, gradients, precision
 #: scratch). Calibrated with :data:`RUN_OVERHEAD`, see :data:`CALIBRATION`
 SLACK: dict[str, float] = {"glibc": 8.0, "glibc_fixed": 0.9, "mimalloc": 0.67, "other": 1.0}
+#: allocator -> the most slack expected (bytes). The slack does not keep growing with the step's bytes: on
+#: SmolLM2-135M (4 x 256, 40 steps, bench_peak.py 2026-12-07) the stock Trainer's full AdamW step (3.4 GiB of step
+#: tensors) left 526 MiB of slack + unaccounted under glibc where its LoRA + checkpointing run (1.2 GiB) left
+#: 1,512, and memkit's ``lora`` recipe without checkpointing (2.6 GiB of step bytes) 353 MiB under mimalloc where
+#: ``qlora`` (0.7 GiB) left 603. Capped, the linear model predicts those rows within +2.8% (lora), +9.6%
+#: (stock AdamW), -16% (stock LoRA) and -14% (qlora, whose slack is the largest seen under mimalloc); uncapped it
+#: said +36%, +411%, +125% and -14%. Fitted on one model: a larger model's slack may exceed the cap
+SLACK_CAP: dict[str, int] = {"glibc": 900 * 2**20, "glibc_fixed": 900 * 2**20, "mimalloc": 400 * 2**20,
+                             "other": 900 * 2**20}
 #: what a run holds beyond the imported libraries, the tensors and the slack: tokenizer, datasets, the Trainer's
 #: objects, the libraries the techniques import after the model loaded (the measured breakdown's ``unaccounted``
 #: plus the library pages that came after the ``load`` mark)
@@ -310,7 +319,7 @@ def predict_process_peak(mem: MemoryEstimate, runtime_bytes: int | None = None,
     ``runtime`` (the RSS of the process once what a Trainer run imports is imported: ``runtime_bytes``, else
     measured here with :func:`hf_memkit.memory.process.runtime_rss_bytes`, which is only right in a process that
     has no model loaded yet) + :data:`RUN_OVERHEAD` + the persistent tensors + the largest phase of a step
-    (:data:`PHASE_TERMS`) + the expected slack of ``allocator`` (:data:`SLACK` x the bytes allocated and freed
+    (:data:`PHASE_TERMS`) + the expected slack of ``allocator`` (:data:`SLACK` x the bytes allocated and freed, at most :data:`SLACK_CAP`
     within a step; default :func:`expected_allocator`). ``device_peak_bytes``: what ``max_memory_allocated``
     would show with everything on the device (tensors only, no runtime, overhead or slack).
 
@@ -325,7 +334,7 @@ def predict_process_peak(mem: MemoryEstimate, runtime_bytes: int | None = None,
     tensors = sum(persistent.values()) + phases[phase]
     allocator = allocator or expected_allocator()
     step_bytes = sum(cats.get(c, 0) for c in STEP_CATEGORIES)
-    slack = int(SLACK.get(allocator, SLACK["other"]) * step_bytes)
+    slack = min(int(SLACK.get(allocator, SLACK["other"]) * step_bytes), SLACK_CAP.get(allocator, SLACK_CAP["other"]))
     runtime = int(runtime_bytes) if runtime_bytes is not None else process.runtime_rss_bytes()
     # the same parts as the measured breakdown (memory/profiler.py: BREAKDOWN): the phase's step categories that
     # the measurement tags keep their names, the others are its transients

@@ -374,3 +374,12 @@ def test_memkit_train_token_budget_user_errors(tmp_path, extra, needle):
         train(TrainOptions(model="tiny", max_seq_len=64, output_dir=str(tmp_path / "run"), extra=extra))
     assert "fix:" in str(exc.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_memkit_train_help_lists_the_batching_options(capsys):
+    from hf_memkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--token-budget N" in out and "--packing" in out
