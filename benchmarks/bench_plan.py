@@ -23,28 +23,28 @@ import tempfile
 MiB = 2**20
 
 
-def run(candidate, p, steps: int, folder: str) -> dict:
+def run(row: dict, model: str, seq_len: int, steps: int, folder: str) -> dict:
+    import yaml
+
+    from hf_memkit.planner.verify import measure
+
     recipe_file = os.path.join(folder, "recipe.yaml")
     with open(recipe_file, "w") as f:
-        from hf_memkit.recipe import load_recipe
+        f.write(yaml.safe_dump(row["recipe"], sort_keys=False))
+    try:
+        m = measure(model, recipe_file, steps, seq_len, row["per_device_train_batch_size"],
+                    row["gradient_accumulation_steps"], workdir=folder)
+    except RuntimeError as exc:
+        return {"error": str(exc).splitlines()[-1]}
+    return {"peak_rss_bytes": m["measured_bytes"], "perplexity": m["perplexity"], "step_seconds": m["step_seconds"]}
 
-        f.write(load_recipe(candidate.recipe()).to_yaml())
-    out = os.path.join(folder, "run")
-    micro = candidate.micro_batch or p.batch_size
-    cmd = [sys.executable, "-m", "hf_memkit.cli", "train", "--model", p.model, "--recipe", recipe_file,
-           "--max-steps", str(steps), "--max-seq-len", str(p.seq_len), "--output-dir", out, "--no-eval-before",
-           "--overwrite-output-dir", "--per_device_train_batch_size", str(micro),
-           "--gradient_accumulation_steps", str(candidate.accumulation)]
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_MEMKIT_ALLOCATOR", "LD_PRELOAD")}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-    with open(os.path.join(out, "train_summary.json")) as f:
-        s = json.load(f)
-    with open(os.path.join(out, "memory_report.json")) as f:
-        measured = json.load(f)["measured"]
-    return {"peak_rss_bytes": s["peak_rss_bytes"], "perplexity": s["perplexity_after"],
-            "step_seconds": measured.get("median_step_seconds")}
+
+def plan_in_child(model: str, budget: str) -> dict:
+    """``memkit plan --json`` in its own process: this one never maps torch, so each training child hands its
+    library pages back as it does when a user starts it (see hf_memkit/planner/verify.py)."""
+    r = subprocess.run([sys.executable, "-m", "hf_memkit.cli", "plan", "--model", model, "--budget", budget,
+                        "--seq-len", "256", "--batch-size", "4", "--json"], capture_output=True, text=True)
+    return json.loads(r.stdout)
 
 
 def main() -> int:
@@ -55,24 +55,26 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--json")
     ns = ap.parse_args()
-    from hf_memkit.planner import plan
-
-    plans = {b: plan(ns.model, b, seq_len=256, batch_size=4) for b in ns.budgets}
+    plans = {b: plan_in_child(ns.model, b) for b in ns.budgets}
     done: dict[str, dict] = {}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_plan-") as tmp:
         for b, p in plans.items():
-            for i, s in enumerate(p.fitting[: ns.top]):
-                if s.label not in done:
-                    print(f"running {s.label} ...", file=sys.stderr, flush=True)
+            for i, s in enumerate(p["fitting"][: ns.top]):
+                label = s["candidate"]
+                if label not in done:
+                    print(f"running {label} ...", file=sys.stderr, flush=True)
                     folder = os.path.join(tmp, str(len(done)))
                     os.makedirs(folder)
-                    done[s.label] = run(s.candidate, p, ns.steps, folder)
-                rows.append({"budget": b, "budget_bytes": p.budget_bytes, "candidate": s.label, "pick": i == 0,
-                             "predicted_bytes": s.peak_bytes, "expected_perplexity": s.perplexity, **done[s.label]})
-            if not p.fitting:
-                rows.append({"budget": b, "budget_bytes": p.budget_bytes, "candidate": "(nothing fits)",
-                             "note": p.suggestion})
+                    done[label] = run(s, ns.model, 256, ns.steps, folder)
+                    print(f"  {label}: predicted {s['predicted_peak_bytes'] / MiB:,.0f} MiB, {done[label]}",
+                          file=sys.stderr, flush=True)
+                rows.append({"budget": b, "budget_bytes": p["budget_bytes"], "candidate": label, "pick": i == 0,
+                             "predicted_bytes": s["predicted_peak_bytes"],
+                             "expected_perplexity": s["expected_perplexity"], **done[label]})
+            if not p["fitting"]:
+                rows.append({"budget": b, "budget_bytes": p["budget_bytes"], "candidate": "(nothing fits)",
+                             "note": p["suggestion"]})
     print(f"\nmemkit plan checked: {ns.model}, 4 x 256 tokens, {ns.steps} steps per candidate (MiB)")
     print("| budget | candidate | predicted | measured peak | within | expected ppl | measured ppl | s/step | pick gap |")
     print("|---|---|---|---|---|---|---|---|---|")

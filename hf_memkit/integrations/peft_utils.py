@@ -58,9 +58,29 @@ def wrap_with_peft(model: Any, config: Any, technique: str) -> PatchHandle:
     return PatchHandle(peft_model, undo)
 
 
+_SHAPES: dict[tuple[str, str], list[tuple[str, tuple[int, ...]]]] = {}
+
+
 def lora_param_shapes(model: Any, fields: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the trainable adapter tensors LoRA would add to ``model`` (a meta-device copy is
-    patched, so nothing is allocated)."""
+    patched, so nothing is allocated). Remembered per (model class and config, adapter fields): PEFT's injection
+    takes ~1 s on SmolLM2's meta model and ``memkit plan`` asks for the same shapes once per candidate."""
+    import json
+
+    config = getattr(model, "config", None)
+    key = None
+    if config is not None and hasattr(config, "to_json_string"):
+        key = (f"{type(model).__qualname__}:{config.to_json_string(use_diff=False)}",
+               json.dumps(fields, sort_keys=True, default=repr))
+        if key in _SHAPES:
+            return list(_SHAPES[key])
+    shapes = _lora_param_shapes(model, fields)
+    if key is not None:
+        _SHAPES[key] = list(shapes)
+    return shapes
+
+
+def _lora_param_shapes(model: Any, fields: dict) -> list[tuple[str, tuple[int, ...]]]:
     from peft import get_peft_model
 
     meta = copy.deepcopy(model)
