@@ -93,7 +93,7 @@ def active() -> str:
                     return "mimalloc"
         except OSError:  # pragma: no cover - /proc is always there on Linux
             pass
-        return "glibc" if _libc_mallopt() is not None else "other"
+        return "glibc" if libc_mallopt() is not None else "other"
     return "other"
 
 
@@ -137,7 +137,8 @@ def reexec_if_needed(argv: list[str], value: str | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *argv], env)
 
 
-def _libc_mallopt():
+def libc_mallopt():
+    """glibc's ``mallopt`` as a ctypes function, or None where the C library has none (musl)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
@@ -160,7 +161,7 @@ def release_host_memory(value: str | None = None) -> str:
         raise AllocatorError("mimalloc must be loaded when the process starts; start the run with `memkit train` "
                              "or `memkit run`, or LD_PRELOAD=" + (mimalloc_library() or "<libmimalloc.so>"))
     if now == "glibc" and not _state["glibc_applied"]:
-        mallopt = _libc_mallopt()
+        mallopt = libc_mallopt()
         if mallopt(M_MMAP_THRESHOLD, GLIBC_THRESHOLD) == 1 and mallopt(M_ARENA_MAX, GLIBC_ARENAS) == 1:
             _state["glibc_applied"] = True
             logger.info("hf_memkit: glibc malloc gives freed blocks >= %d KiB back to the OS (fixed mmap "

@@ -16,8 +16,6 @@ The environment variable ``MALLOC_MMAP_THRESHOLD_`` does the same before the pro
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import sys
 
@@ -34,14 +32,10 @@ def fix_mmap_threshold(nbytes: int) -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if mallopt(M_MMAP_THRESHOLD, int(nbytes)) != 1:
+    from ...memory.host_memory import libc_mallopt
+
+    mallopt = libc_mallopt()  # None on musl and other C libraries without mallopt
+    if mallopt is None or mallopt(M_MMAP_THRESHOLD, int(nbytes)) != 1:
         return False
     _applied = nbytes
     logger.info("hf_memkit: glibc mmap threshold fixed at %d bytes (freed activations return to the OS)", nbytes)

@@ -26,11 +26,12 @@ right. ``memkit_peak_gradient_bytes`` is the most gradient bytes alive at once o
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..common.narrowed import positional_overrides_hidden
 
 #: attribute set on every hooked parameter: a weak reference to the wrapper that owns its hook
 _OWNER = "_memkit_gradient_release"
@@ -154,7 +155,7 @@ class GradientRelease(torch.optim.Optimizer):
         try:
             for i, g in enumerate(groups):
                 g["params"] = [p] if i == index else []
-            with _positional_overrides_hidden(self.optimizer):
+            with positional_overrides_hidden(self.optimizer):
                 self.optimizer.step()
         finally:
             for g, params in zip(groups, kept):
@@ -217,22 +218,6 @@ class GradientRelease(torch.optim.Optimizer):
 def _remove_handles(handles: list[Any]) -> None:
     while handles:
         handles.pop().remove()
-
-
-@contextlib.contextmanager
-def _positional_overrides_hidden(inner: Any) -> Iterator[None]:
-    """bitsandbytes looks per-parameter overrides up by (group index, position in the group) and then by
-    parameter id; inside a narrowed step every parameter sits at position 0, so only the id lookup is right."""
-    mng = getattr(inner, "mng", None)
-    positional = getattr(mng, "index2config", None)
-    if not positional:
-        yield
-        return
-    mng.index2config = {}
-    try:
-        yield
-    finally:
-        mng.index2config = positional
 
 
 def find_release(optimizer: Any) -> GradientRelease | None:

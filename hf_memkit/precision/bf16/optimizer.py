@@ -71,6 +71,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...ops.stochastic_round import round_into_
+from ...optim.common.narrowed import positional_overrides_hidden
 
 #: optimizer-state key of the Kahan compensation buffer (16 bits, the parameter's shape)
 KAHAN = "memkit_kahan_comp"
@@ -215,7 +216,7 @@ class WriteBack16(torch.optim.Optimizer):
         narrow = [(i, p) for i, ps in enumerate(lists) for p in ps if p.grad is not None and p.dtype in SIXTEEN]
         _prepare_bitsandbytes(self.optimizer)
         try:
-            with _positional_overrides_hidden(self.optimizer):
+            with positional_overrides_hidden(self.optimizer):
                 if any(wide):
                     for g, ps in zip(groups, wide):
                         g["params"] = ps
@@ -476,22 +477,6 @@ def _prepare_bitsandbytes(inner: Any) -> None:
         inner.check_overrides()
         inner.to_gpu()
         inner.initialized = True
-
-
-@contextlib.contextmanager
-def _positional_overrides_hidden(inner: Any) -> Iterator[None]:
-    """bitsandbytes looks per-parameter overrides up by (group index, position in the group) and then by
-    parameter id; in a narrowed step every parameter sits at position 0, so only the id lookup is right."""
-    mng = getattr(inner, "mng", None)
-    positional = getattr(mng, "index2config", None)
-    if not positional:
-        yield
-        return
-    mng.index2config = {}
-    try:
-        yield
-    finally:
-        mng.index2config = positional
 
 
 def kahan_buffers(optimizer: Any) -> list[torch.Tensor]:
