@@ -164,9 +164,24 @@ def test_every_candidate_the_real_planner_proposes_loads_and_fits(tmp_path):
     assert "pick: " + p.pick.label in text and "expected eval ppl" in text
 
 
-def _cli(*args, timeout=300):
+def _cli(*args, timeout=300, runtime: int | None = 600 * MiB):
+    """``memkit plan`` in a child; ``runtime`` skips its runtime probe (measured in-process by the test above)."""
+    env = {**os.environ, "HF_MEMKIT_RUNTIME_BYTES": str(runtime)} if runtime else dict(os.environ)
     return subprocess.run([sys.executable, "-m", "hf_memkit.cli", "plan", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
+
+
+def test_a_given_runtime_replaces_the_probe(monkeypatch):
+    from hf_memkit.planner.runtime import measure_runtime
+
+    measure_runtime.cache_clear()
+    monkeypatch.setenv("HF_MEMKIT_RUNTIME_BYTES", str(123 * MiB))
+    assert measure_runtime() == 123 * MiB
+    measure_runtime.cache_clear()
+    monkeypatch.setenv("HF_MEMKIT_RUNTIME_BYTES", "lots")
+    with pytest.raises(MemkitError, match="HF_MEMKIT_RUNTIME_BYTES"):
+        measure_runtime()
+    measure_runtime.cache_clear()
 
 
 def test_the_command_line_writes_a_recipe_that_loads(tmp_path):
@@ -193,7 +208,7 @@ def test_the_command_line_refuses_bad_budgets_without_a_traceback():
 @pytest.mark.slow
 def test_verify_trains_the_pick_and_measures_it(tmp_path):
     r = _cli("--model", "tiny", "--budget", "8GiB", "--verify", "--verify-steps", "2", "--seq-len", "64",
-             timeout=600)
+             timeout=600, runtime=None)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "verified: 2 steps measured" in r.stdout and "within the budget" in r.stdout
 
