@@ -335,9 +335,7 @@ def plan_json(p) -> dict:
     def row(s):
         return {"candidate": s.label, "predicted_peak_bytes": s.peak_bytes, "predicted_step_seconds": s.step_seconds,
                 "expected_perplexity": s.perplexity, "prior_row": s.prior_row, "fits": s.fits,
-                "recipe": s.candidate.recipe(),
-                "per_device_train_batch_size": s.candidate.micro_batch or p.batch_size,
-                "gradient_accumulation_steps": s.candidate.accumulation}
+                "recipe": s.candidate.recipe(), **p.training_args(s)}
 
     return {"model": p.model, "budget_bytes": p.budget_bytes, "device": p.device, "batch_size": p.batch_size,
             "seq_len": p.seq_len, "pick": row(p.pick) if p.pick else None, "training_args": p.training_args(),

@@ -69,7 +69,6 @@ class Plan:
     device: str
     batch_size: int
     seq_len: int
-    accumulation: int
     pick: Scored | None
     fitting: list[Scored]
     over: list[Scored]
@@ -82,15 +81,17 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.accumulation
+        return self.batch_size * self.seq_len
 
-    def training_args(self) -> dict[str, Any]:
-        """The batch flags the pick was planned for (``memkit train`` takes them as TrainingArguments flags)."""
-        if self.pick is None:
+    def training_args(self, scored: Scored | None = None) -> dict[str, Any]:
+        """The batch flags ``scored`` (default: the pick) was planned for (``memkit train`` takes them as
+        TrainingArguments flags)."""
+        scored = scored or self.pick
+        if scored is None:
             return {}
-        c = self.pick.candidate
-        micro = c.micro_batch or self.batch_size
-        return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": c.accumulation}
+        c = scored.candidate
+        return {"per_device_train_batch_size": c.micro_batch or self.batch_size,
+                "gradient_accumulation_steps": c.accumulation}
 
     def explain(self, top: int = 8, nearest: int = 3) -> str:
         from .explain import explain
@@ -190,7 +191,7 @@ def plan(model: Any = "smollm2", budget: "str | int" = "1GiB", *, seq_len: int =
     fitting = sorted((s for s in scored if s.fits), key=Scored.sort_key)
     over = sorted((s for s in scored if not s.fits), key=lambda s: (s.peak_bytes, s.sort_key()))
     pick = fitting[0] if fitting else None
-    result = Plan(str(model), budget_bytes, device, batch_size, seq_len, 1, pick,
+    result = Plan(str(model), budget_bytes, device, batch_size, seq_len, pick,
                   fitting, over, unmeasured, refused, priors, scored=scored)
     if pick is not None:
         from ..recipe import load_recipe
