@@ -40,7 +40,7 @@ MiB = 2**20
 SEQ, BATCH, LR, EVAL_BLOCKS = 256, 4, 5e-4, 24
 STOCK = {"stock_adamw": "baseline", "stock_lora_gc": "lora_gc", "peer_adalomo": None}
 MEMKIT = {"memkit_default": "default", "memkit_default_fp32": "default_fp32", "memkit_lora": "lora", "memkit_qlora": "qlora", "memkit_full": "bf16_full",
-          "memkit_full_rn": "bf16_full_rn"}
+          "memkit_full_rn": "bf16_full_rn", "memkit_full_norelease": "bf16_full_norelease"}
 ROWS = (*STOCK, *MEMKIT)
 
 
@@ -54,6 +54,11 @@ def _recipe_file(name: str, folder: str) -> str:
         "bf16_full_rn": "memkit: 1\nprecision: {bf16: {update: nearest}}\n"
                         "optimizer: {adamw_8bit: {gradient_release: true}}\nloss: {cce: {}}\n"
                         "training_args: {gradient_checkpointing: true}\n",
+        # the planner's no-release family: under max_grad_norm (the Trainer's default 1.0) gradient release clips
+        # per parameter, so it is not quality-neutral and needs its own row
+        "bf16_full_norelease": "memkit: 1\nprecision: {bf16: {update: stochastic}}\n"
+                               "optimizer: {adamw_8bit: {}}\nloss: {cce: {}}\n"
+                               "training_args: {gradient_checkpointing: true}\n",
     }
     if name not in variants:
         return name

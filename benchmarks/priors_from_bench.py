@@ -2,6 +2,10 @@
 
     python benchmarks/bench_peak.py --steps 40 --json peak.json
     python benchmarks/priors_from_bench.py peak.json --date 2026-12-07 [--out hf_memkit/planner/priors.yaml]
+    python benchmarks/priors_from_bench.py more.json --date 2026-12-08 --update   # add or replace some rows
+
+``--update`` keeps the rows already in ``--out`` and adds (or replaces, by row name) the rows of the new run,
+each new row with its own ``measured:`` command and date, so every prior still says where it comes from.
 
 Each bench row that ran one family of the planner's search space becomes one prior: its eval perplexity, median
 step time and peak, with the exact toggles it ran with. Rows outside the space (the r8 ``lora`` recipe, the
@@ -26,6 +30,7 @@ ROWS = {
     "memkit_qlora": (("qlora", "fp32", "adamw_8bit"), ["gc"]),
     "memkit_full": (("full", "bf16_sr", "adamw_8bit"), ["release", "cce", "gc"]),
     "memkit_full_rn": (("full", "bf16_rn", "adamw_8bit"), ["release", "cce", "gc"]),
+    "memkit_full_norelease": (("full", "bf16_sr", "adamw_8bit"), ["cce", "gc"]),
 }
 
 
@@ -35,6 +40,7 @@ def main() -> int:
     ap.add_argument("--date", required=True)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default="hf_memkit/planner/priors.yaml")
+    ap.add_argument("--update", action="store_true", help="keep --out's rows; add or replace this run's")
     ns = ap.parse_args()
     with open(ns.bench_json) as f:
         rows = json.load(f)
@@ -46,7 +52,19 @@ def main() -> int:
         out.append({"family": list(family), "row": r["row"], "eval_perplexity": round(float(r["perplexity"]), 4),
                     "step_seconds": round(float(r["report"]["median_step_seconds"]), 3),
                     "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1), "toggles": toggles})
-    data = {
+    command = (f"python benchmarks/bench_peak.py --rows {' '.join(r['row'] for r in out)} --steps {ns.steps} "
+               f"--json {ns.bench_json}; python benchmarks/priors_from_bench.py {ns.bench_json} --update")
+    if ns.update:
+        with open(ns.out) as f:
+            data = yaml.safe_load(f)
+        for r in out:
+            r["measured"] = {"command": command, "date": ns.date}
+        new = {r["row"] for r in out}
+        data["rows"] = [r for r in data["rows"] if r["row"] not in new] + out
+        out = data["rows"]
+    else:
+        data = None
+    data = data or {
         "source": {
             "command": f"python benchmarks/bench_peak.py --steps {ns.steps} --json peak.json; "
                        "python benchmarks/priors_from_bench.py peak.json",

@@ -176,7 +176,7 @@ def plan(model: Any = "smollm2", budget: "str | int" = "1GiB", *, seq_len: int =
     unmeasured = 0
     tokens = batch_size * seq_len
     for c in candidates:
-        prior = priors.get(c.family)
+        prior = priors.get(c.family, release="release" in c.toggles)
         if prior is None:  # not ranked whatever the loader says: no need to ask it
             unmeasured += 1
             continue

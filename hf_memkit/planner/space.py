@@ -9,13 +9,14 @@ A candidate is one choice per *axis*:
                    (``bf16_sr``) or round-to-nearest updates (``bf16_rn``; kept so the table shows the lost-update
                    failure). With an adapter the base is frozen, so the update rule is moot: ``bf16`` alone;
 * ``optimizer``  — ``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes);
-* exact toggles  — techniques that change memory and time but not the result (each has an equality test):
-                   ``release`` (the optimizer's ``gradient_release``: the step equals the plain step to 1e-6),
-                   ``cce`` (``loss: cce``: the loss and gradients of the plain cross-entropy), ``gc`` (gradient
-                   checkpointing: recomputes the same forward).
+* toggles        — ``cce`` (``loss: cce``: the loss and gradients of the plain cross-entropy) and ``gc`` (gradient
+                   checkpointing: recomputes the same forward) are exact: they change memory and time, not the
+                   result (each has an equality test). ``release`` (the optimizer's ``gradient_release``) equals
+                   the plain step to 1e-6 only without gradient clipping; under ``max_grad_norm`` (the Trainer's
+                   default) it clips per parameter, so it is measured on its own (see :mod:`.priors`).
 
 ``(mode, precision, optimizer)`` is the candidate's *family*: its expected quality is the measured perplexity of
-that family (:mod:`.priors`); the toggles keep it. Every combination is offered to the recipe loader
+that family with the same ``release`` choice (:mod:`.priors`); ``cce`` and ``gc`` keep it. Every combination is offered to the recipe loader
 (:func:`hf_memkit.recipe.load_recipe`: schema and declared conflicts) and to each technique's ``validate`` on the
 model's config; what either refuses is never proposed (the plan counts it, with the first reason).
 """

@@ -33,9 +33,13 @@ def write_priors(path, rows):
 def priors(tmp_path):
     return write_priors(tmp_path / "priors.yaml", [
         (("full", "fp32", "adamw"), 10.0, 4.0, ["cce"]),      # best quality, most memory
+        (("full", "fp32", "adamw"), 10.1, 4.0, ["release", "cce"]),  # release clips per parameter: its own row
         (("full", "bf16_sr", "adamw_8bit"), 10.2, 3.0, []),
+        (("full", "bf16_sr", "adamw_8bit"), 10.3, 3.0, ["release"]),
         (("lora", "fp32", "adamw"), 11.0, 2.0, ["gc"]),
+        (("lora", "fp32", "adamw"), 11.0, 2.0, ["release", "gc"]),
         (("lora", "bf16", "adamw_8bit"), 11.0, 2.0, ["gc"]),   # same quality and time as the previous family
+        (("lora", "bf16", "adamw_8bit"), 11.0, 2.0, ["release", "gc"]),
     ])
 
 
@@ -64,9 +68,11 @@ def test_the_best_fitting_candidate_is_picked(priors):
     p = run(priors, "1900MiB")  # full fp32 adamw with at least one toggle fits (1900 and less)
     assert p.pick.candidate.family == ("full", "fp32", "adamw")
     assert p.pick.peak_bytes <= p.budget_bytes and all(s.fits for s in p.fitting)
-    # among that family the fastest: no gradient checkpointing (prior row ran without it), then the lowest peak
+    # among that family the better row (without release: 10.0 against 10.1), then the fastest: no gradient
+    # checkpointing (the row ran without it)
     assert "gc" not in p.pick.candidate.toggles
-    assert p.pick.candidate.toggles == frozenset({"release", "cce"})
+    assert p.pick.candidate.toggles == frozenset({"cce"})
+    assert p.pick.perplexity == 10.0
     p = run(priors, "1300MiB")
     assert p.pick.candidate.family == ("full", "bf16_sr", "adamw_8bit")
     p = run(priors, "850MiB")  # the leanest full fine-tune needs 900
@@ -105,6 +111,24 @@ def test_families_without_a_prior_are_not_ranked(priors):
     assert families == {("full", "fp32", "adamw"), ("full", "bf16_sr", "adamw_8bit"), ("lora", "fp32", "adamw"),
                         ("lora", "bf16", "adamw_8bit")}
     assert p.unmeasured > 0
+
+
+def test_gradient_release_is_ranked_by_a_row_that_ran_with_it(tmp_path):
+    """Under max_grad_norm, release clips per parameter: a row without release says nothing about it, and the
+    other way round."""
+    only_plain = write_priors(tmp_path / "plain.yaml", [(("full", "fp32", "adamw"), 10.0, 4.0, [])])
+    p = run(only_plain, "3GiB")
+    ranked = p.fitting + p.over
+    assert ranked and not any("release" in s.candidate.toggles for s in ranked)
+    only_release = write_priors(tmp_path / "release.yaml", [(("full", "fp32", "adamw"), 10.4, 4.0, ["release"])])
+    p = run(only_release, "3GiB")
+    ranked = p.fitting + p.over
+    assert ranked and all("release" in s.candidate.toggles for s in ranked)
+    assert {s.perplexity for s in ranked} == {10.4}
+    both = write_priors(tmp_path / "both.yaml", [(("full", "fp32", "adamw"), 10.4, 4.0, ["release"]),
+                                                 (("full", "fp32", "adamw"), 10.0, 4.0, [])])
+    p = run(both, "1900MiB")  # 1900 fits without release (one toggle) and with it: the better row wins
+    assert p.pick.perplexity == 10.0 and "release" not in p.pick.candidate.toggles
 
 
 def test_full_finetune_keeps_full_recipes_only(priors):
