@@ -31,6 +31,9 @@ def wrap_with_peft(model: Any, config: Any, technique: str) -> PatchHandle:
             f"{technique}: the model already carries a PEFT adapter; the recipe's adapter slot would stack a "
             "second one. Pass the base model, or remove the adapter slot from the recipe"
         )
+    from .bnb_cpu import keep_4bit_trainable
+
+    keep_4bit_trainable(model)  # a 4-bit base repacked for CPU inference gives its input no gradient
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     had_input_hook = getattr(model, "_require_grads_hook", None) is not None
     try:

@@ -59,6 +59,9 @@ def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, c
         m.weight.data = torch.empty(0, dtype=m.weight.dtype, device=m.weight.device)
         if m.bias is not None:
             m.bias.data = torch.empty(0, dtype=m.bias.dtype, device=m.bias.device)
+    from ...integrations.bnb_cpu import keep_4bit_trainable
+
+    keep_4bit_trainable(model)  # bitsandbytes' CPU inference repacking would cut the input gradients
     weakref.finalize(model, _unlink, path)
     return targets, path
 
