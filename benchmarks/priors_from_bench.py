@@ -27,7 +27,8 @@ ROWS = {
     "stock_lora_gc": (("lora", "fp32", "adamw"), ["gc"]),
     "memkit_default": (("lora", "bf16", "adamw_8bit"), ["cce", "gc"]),
     "memkit_default_fp32": (("lora", "fp32", "adamw_8bit"), ["cce", "gc"]),
-    "memkit_qlora": (("qlora", "fp32", "adamw_8bit"), ["gc"]),
+    "memkit_qlora": (("qlora", "fp32", "adamw_8bit"), ["cce", "gc"]),
+    "memkit_qlora_nocce": (("qlora", "fp32", "adamw_8bit"), ["gc"]),
     "memkit_full": (("full", "bf16_sr", "adamw_8bit"), ["release", "cce", "gc"]),
     "memkit_full_rn": (("full", "bf16_rn", "adamw_8bit"), ["release", "cce", "gc"]),
     "memkit_full_norelease": (("full", "bf16_sr", "adamw_8bit"), ["cce", "gc"]),
@@ -52,6 +53,8 @@ def main() -> int:
         out.append({"family": list(family), "row": r["row"], "eval_perplexity": round(float(r["perplexity"]), 4),
                     "step_seconds": round(float(r["report"]["median_step_seconds"]), 3),
                     "peak_rss_mib": round(r["peak_rss_bytes"] / 2**20, 1), "toggles": toggles})
+        if r.get("predicted"):
+            out[-1]["predicted_peak_mib"] = round(r["predicted"] / 2**20, 1)
     command = (f"python benchmarks/bench_peak.py --rows {' '.join(r['row'] for r in out)} --steps {ns.steps} "
                f"--json {ns.bench_json}; python benchmarks/priors_from_bench.py {ns.bench_json} --update")
     if ns.update:

@@ -1,4 +1,4 @@
-"""The ``memkit`` command line. The shapes below are a contract (DESIGN.md):
+"""The ``memkit`` command line. The shapes below are a contract (docs/DESIGN.md):
 
     memkit train    [--model tiny|smollm2|PATH] [--recipe FILE] [--max-steps N] [--max-seq-len N]
                     [--token-budget N [--packing]]

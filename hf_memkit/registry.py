@@ -7,7 +7,7 @@ subclass). Duplicate names within a slot are an error, wherever they come from.
 A name may live in two slots when it is the same method seen from two sides: ``compress: [{lorc: ...}]`` (the
 post-training pass) and ``adapter: {lorc: ...}`` (the trainable PEFT adapter). Recipes always name the slot, so
 they are never ambiguous; :func:`get` without a slot raises for such a name (pass ``slot=``). This departs from
-DESIGN.md's "one name, one entry" only for names that appear in several slots.
+docs/DESIGN.md's "one name, one entry" only for names that appear in several slots.
 """
 
 from __future__ import annotations

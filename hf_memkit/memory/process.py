@@ -188,6 +188,61 @@ def file_mapped(tensors: Any) -> dict[str, int]:
     return out
 
 
+def page_out_file_pages(tensors: Any, maps: "list[tuple[int, int, str]] | None" = None) -> int:
+    """Ask the kernel to reclaim the resident pages of ``tensors`` that lie in a file mapping (weights loaded with
+    mmap whose values were just copied elsewhere, e.g. quantized): ``madvise(MADV_PAGEOUT)`` on the whole pages
+    inside each tensor's bytes. Nothing is lost: clean file pages are read back on demand, and pages a write made
+    private are not discarded. Returns the bytes advised (0 off Linux, or where nothing is file-mapped)."""
+    maps = sorted(file_mappings()) if maps is None else maps
+    if not maps:
+        return 0
+    import ctypes
+    import ctypes.util
+    import mmap as _mmap
+
+    from .host_memory import MADV_PAGEOUT
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    page = _mmap.PAGESIZE
+    advised = 0
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or not t.numel():
+            continue
+        start = t.data_ptr()
+        if _find(maps, start) is None:
+            continue
+        lo = -(-start // page) * page
+        hi = (start + t.numel() * t.element_size()) // page * page
+        if hi > lo and madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+            advised += hi - lo
+    return advised
+
+
+def own_file_mapped_(module: Any) -> int:
+    """Copy every parameter and buffer of ``module`` whose storage lies in a file mapping (safetensors loaded with
+    mmap) into memory the process owns, so that the mapping can go once nothing else uses it. Worth it once most
+    of a mapped file is no longer needed (``adapter: qlora`` after quantizing): every page of the file that was
+    ever read stays resident, and counted in RSS, for as long as one tensor keeps the mapping alive. Returns the
+    bytes copied (0 off Linux)."""
+    maps = sorted(file_mappings())
+    if not maps:
+        return 0
+    copied = 0
+    tensors = [*module.named_parameters(remove_duplicate=True), *module.named_buffers(remove_duplicate=True)]
+    for _, t in tensors:
+        if t is None or t.device.type != "cpu" or not t.untyped_storage().data_ptr():
+            continue
+        if _find(maps, t.untyped_storage().data_ptr()) is not None:
+            t.data = t.data.clone()
+            copied += t.numel() * t.element_size()
+    return copied
+
+
 def mapping_resident(paths: Any) -> dict[str, int]:
     """Resident bytes of the mappings of the files ``paths``: ``rss`` (every resident page of those mappings)
     and ``anonymous`` (the part a write turned into private copy-on-write pages, which the kernel counts under

@@ -17,6 +17,10 @@ gradient on its own (:mod:`hf_memkit.optim.release`), so its result is not the p
 2026-12-07, full bf16 (stochastic rounding) + 8-bit AdamW + CCE + checkpointing, 40 steps: eval ppl 7.724 with
 release, 7.542 without. A candidate with release is ranked only by a row that ran with release, and one without
 by a row without.
+
+Peaks: where a row recorded the estimator's prediction for its own run beside the measured peak, a family the
+estimator under-predicted gets its predicted peaks scaled up by that ratio (:meth:`Prior.peak_factor`; measured:
+the qlora family at 4 x 256 tokens). Over-predictions are left alone: the plan stays on the safe side.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ class Prior:
     peak_rss_mib: float | None
     toggles: frozenset
     tokens_per_step: int
+    predicted_peak_mib: float | None = None  # the estimator's process peak for the row's run, where recorded
+
+    def peak_factor(self) -> float:
+        """How far the estimator under-predicted this family's measured peak (measured / predicted, at least 1):
+        the planner scales the family's predicted peaks by it, so that a family the estimator does not model well
+        is not planned into a budget it would exceed. 1 where the row recorded no prediction."""
+        if not self.peak_rss_mib or not self.predicted_peak_mib:
+            return 1.0
+        return max(1.0, self.peak_rss_mib / self.predicted_peak_mib)
 
     def step_time(self, toggles: frozenset, tokens_per_step: int) -> float:
         t = self.step_seconds * tokens_per_step / max(self.tokens_per_step, 1)
@@ -81,7 +94,8 @@ def load_priors(path: "str | Path | None" = None) -> Priors:
                 raise ValueError("family has three parts: mode, precision, optimizer")
             prior = Prior(fam, str(r["row"]), float(r["eval_perplexity"]), float(r["step_seconds"]),
                           None if r.get("peak_rss_mib") is None else float(r["peak_rss_mib"]),
-                          frozenset(r.get("toggles", ())), int(r.get("tokens_per_step", tokens)))
+                          frozenset(r.get("toggles", ())), int(r.get("tokens_per_step", tokens)),
+                          None if r.get("predicted_peak_mib") is None else float(r["predicted_peak_mib"]))
             rows[(fam, "release" in prior.toggles)] = prior
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: rows[{i}] is malformed ({exc}); each row needs family, row, "

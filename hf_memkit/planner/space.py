@@ -97,11 +97,6 @@ def enumerate_candidates(*, full_finetune: bool = False, adapter_ok: bool = True
         for precision, optimizer in itertools.product(precisions, OPTIMIZERS):
             for bits in itertools.product((False, True), repeat=len(TOGGLES)):
                 toggles = frozenset(t for t, on in zip(TOGGLES, bits) if on)
-                if mode == "qlora" and "cce" in toggles:
-                    # measured 2026-12-07 (bench_peak, 40 steps): qlora + CCE reached eval ppl 21.88 where qlora
-                    # alone reached 12.86, so CCE is not shown to be exact over the 4-bit base; not offered until
-                    # that composition is understood (the composition issue)
-                    continue
                 for micro, acc in micro_batches:
                     if acc > 1 and "release" in toggles:
                         continue  # release keeps every gradient between micro-batches: no saving, never offered

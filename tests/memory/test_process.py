@@ -103,3 +103,49 @@ def test_many_train_marks_fold_into_train_spans():
         for p in ("forward", "backward", "optimizer", "train"):
             s.marks.append((0.0, p))
     assert [sp["phase"] for sp in s.spans(max_spans=10)] == ["train"]
+
+
+@linux
+def test_own_file_mapped_copies_mapped_weights_out_of_the_file(tmp_path):
+    """A module whose weights map a safetensors file gets its own copies (values and ties kept), so the mapping
+    and its resident pages can go."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({"a": torch.arange(4096.0).reshape(64, 64), "n": torch.ones(64)}, str(tmp_path / "m.safetensors"))
+    sd = load_file(str(tmp_path / "m.safetensors"))
+    lin = torch.nn.Linear(64, 64, bias=False)
+    lin.weight = torch.nn.Parameter(sd["a"], requires_grad=False)
+    model = torch.nn.Sequential(lin, torch.nn.LayerNorm(64))
+    model[1].weight = torch.nn.Parameter(sd["n"])
+    model.tied = lin  # the same module twice: copied once
+    before = process.file_mapped(list(model.parameters()))
+    if not before["file_mapped"]:
+        pytest.skip("this safetensors version copies instead of mapping")
+    copied = process.own_file_mapped_(model)
+    assert copied == before["file_mapped"]
+    after = process.file_mapped(list(model.parameters()) + list(model.buffers()))
+    assert after["file_mapped"] == 0
+    torch.testing.assert_close(lin.weight, torch.arange(4096.0).reshape(64, 64), rtol=0, atol=0)
+    assert model.tied.weight is lin.weight and not lin.weight.requires_grad and model[1].weight.requires_grad
+    assert process.own_file_mapped_(model) == 0  # nothing left to copy
+
+
+@linux
+def test_page_out_file_pages_hands_back_mapped_pages_and_keeps_the_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"w": torch.arange(1 << 20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))
+    w = load_file(str(tmp_path / "w.safetensors"))["w"]
+    own = torch.ones(1 << 20)
+    split = process.file_mapped([w])
+    if not split["file_mapped"]:
+        pytest.skip("this safetensors version copies instead of mapping")
+    float(w.sum())  # resident
+    before = process.mapping_resident(split["files"])["rss"]
+    advised = process.page_out_file_pages([w, own])  # own memory is never advised
+    assert 0 < advised <= w.nbytes and advised >= w.nbytes - 2 * 4096
+    after = process.mapping_resident(split["files"])["rss"]
+    if after >= before:  # the kernel may refuse MADV_PAGEOUT (before Linux 5.4, some sandboxes)
+        pytest.skip("MADV_PAGEOUT had no effect here")
+    assert after <= before - advised // 2
+    torch.testing.assert_close(w, torch.arange(1 << 20, dtype=torch.float32), rtol=0, atol=0)  # read back

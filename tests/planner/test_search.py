@@ -254,3 +254,27 @@ def test_the_shipped_priors_say_where_they_come_from():
     assert "bench_peak.py" in p.source["command"]
     for prior in p.rows.values():
         assert prior.perplexity > 1 and prior.step_seconds > 0
+
+
+def test_a_family_the_estimator_under_predicted_is_planned_with_its_measured_ratio(tmp_path):
+    """A row that measured 1,200 MiB where the estimator said 1,000 scales that family's predicted peaks by 1.2;
+    a row the estimator over-predicted changes nothing."""
+    rows = [{"family": ["lora", "bf16", "adamw_8bit"], "row": "under", "eval_perplexity": 11.0, "step_seconds": 2.0,
+             "toggles": [], "peak_rss_mib": 1200.0, "predicted_peak_mib": 1000.0},
+            {"family": ["full", "fp32", "adamw"], "row": "over", "eval_perplexity": 10.0, "step_seconds": 4.0,
+             "toggles": [], "peak_rss_mib": 900.0, "predicted_peak_mib": 1000.0}]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"source": {"command": "fake", "tokens_per_step": 1024}, "rows": rows}))
+    priors = load_priors(path)
+    assert priors.get(("lora", "bf16", "adamw_8bit")).peak_factor() == pytest.approx(1.2)
+    assert priors.get(("full", "fp32", "adamw")).peak_factor() == 1.0
+    p = run(priors, "3GiB")
+    for s in p.fitting + p.over:
+        raw = fake_peak(s.candidate, 4, 256)
+        if s.candidate.mode == "lora":
+            assert s.peak_bytes == int(raw * 1.2) and s.breakdown["under_prediction_bytes"] == s.peak_bytes - raw
+        else:
+            assert s.peak_bytes == raw and "under_prediction_bytes" not in s.breakdown
+    lora_700 = run(priors, "800MiB", full_finetune=False)  # 700 MiB raw LoRA (no toggle) is 840 MiB planned
+    assert all(s.peak_bytes <= 800 * MiB for s in lora_700.fitting)
+    assert not any(s.candidate.mode == "lora" and not s.candidate.toggles for s in lora_700.fitting)

@@ -15,6 +15,7 @@ Covered (by class, a small table — families differ only in names):
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -49,71 +50,36 @@ class MesaPatcher:
                                                        self.widen)
         return t
 
-    def _set_forward(self, module: Any, fwd: Callable) -> None:
-        module.forward = fwd
+    def _set_forward(self, module: Any, fwd: Callable, *state: Any) -> None:
+        """Install ``fwd(self, x)`` as ``module``'s forward, bound as a method, with what it needs kept on the module
+        (``_memkit_mesa_fwd``: the forward it replaces, as a bound method, then trackers and cache). A deep copy
+        of the model (a distillation teacher, an EMA copy) rebinds both to the copied module, so the copy computes
+        with its own weights; a closure would keep computing with this module's."""
+        module._memkit_mesa_fwd = (module.forward, *state)
+        module.forward = types.MethodType(fwd, module)
         self.patched.append(module)
 
     # --- per kind -----------------------------------------------------------------------------------------
     def linear(self, name: str, m: Any) -> None:
-        orig, tr, cache = m.forward, self.tracker(name + ":input"), self.cache
-
-        def forward(x):
-            if _grad_on() and m.weight.requires_grad:
-                return MesaLinear.apply(x, m.weight, m.bias, tr, cache)
-            return orig(x)
-
-        self._set_forward(m, forward)
+        self._set_forward(m, _linear_forward, self.tracker(name + ":input"), self.cache)
         self.covered[name] = "input"
 
     def rmsnorm(self, name: str, m: Any) -> None:
-        orig, tr, cache = m.forward, self.tracker(name + ":input"), self.cache
         eps = getattr(m, "variance_epsilon", None) or getattr(m, "eps", 1e-6)
-
-        def forward(x):
-            if _grad_on() and (x.requires_grad or m.weight.requires_grad):
-                return MesaRMSNorm.apply(x, m.weight, eps, 0.0, tr, cache)
-            return orig(x)
-
-        self._set_forward(m, forward)
+        self._set_forward(m, _rmsnorm_forward, self.tracker(name + ":input"), self.cache, eps)
         self.covered[name] = "input"
 
     def layernorm(self, name: str, m: Any) -> None:
-        orig, tr, cache = m.forward, self.tracker(name + ":input"), self.cache
-
-        def forward(x):
-            trains = m.weight is not None and m.weight.requires_grad
-            if _grad_on() and (x.requires_grad or trains) and len(m.normalized_shape) == 1:
-                return MesaLayerNorm.apply(x, m.weight, m.bias, m.eps, tr, cache)
-            return orig(x)
-
-        self._set_forward(m, forward)
+        self._set_forward(m, _layernorm_forward, self.tracker(name + ":input"), self.cache)
         self.covered[name] = "input"
 
     def activation(self, name: str, m: Any) -> None:
-        orig, tr, cache = m.forward, self.tracker(name + ":input"), self.cache
-
-        def forward(x):
-            if _grad_on() and x.requires_grad:
-                return MesaActivation.apply(x, orig, tr, cache)
-            return orig(x)
-
-        self._set_forward(m, forward)
+        self._set_forward(m, _activation_forward, self.tracker(name + ":input"), self.cache)
         self.covered[name] = "input"
 
     def gated_mlp(self, name: str, m: Any) -> None:
-        orig, cache = m.forward, self.cache
-        act = m.act_fn.forward
-        tg, tu = self.tracker(name + ":gate"), self.tracker(name + ":up")
-
-        def forward(x):
-            if not _grad_on():
-                return orig(x)
-            gate, up = m.gate_proj(x), m.up_proj(x)
-            if gate.requires_grad or up.requires_grad:
-                return m.down_proj(MesaGatedActivation.apply(gate, up, act, tg, tu, cache))
-            return m.down_proj(act(gate) * up)
-
-        self._set_forward(m, forward)
+        self._set_forward(m, _gated_mlp_forward, self.tracker(name + ":gate"), self.tracker(name + ":up"),
+                          self.cache)
         self.covered[name] = "gate and up outputs"
 
     def attention(self, model: Any) -> bool:
@@ -161,13 +127,55 @@ class MesaPatcher:
 
     def remove(self) -> None:
         for m in self.patched:
-            for attr in ("forward", "_memkit_mesa"):
+            for attr in ("forward", "_memkit_mesa", "_memkit_mesa_fwd"):
                 if attr in vars(m):
                     delattr(m, attr)
         while self._undo:
             self._undo.pop()()
         self.patched.clear()
         self.cache.clear()
+
+
+# the forwards, bound to their module (see MesaPatcher._set_forward) ------------------------------------------------
+
+
+def _linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    orig, tr, cache = self._memkit_mesa_fwd
+    if _grad_on() and self.weight.requires_grad:
+        return MesaLinear.apply(x, self.weight, self.bias, tr, cache)
+    return orig(x)
+
+
+def _rmsnorm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    orig, tr, cache, eps = self._memkit_mesa_fwd
+    if _grad_on() and (x.requires_grad or self.weight.requires_grad):
+        return MesaRMSNorm.apply(x, self.weight, eps, 0.0, tr, cache)
+    return orig(x)
+
+
+def _layernorm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    orig, tr, cache = self._memkit_mesa_fwd
+    trains = self.weight is not None and self.weight.requires_grad
+    if _grad_on() and (x.requires_grad or trains) and len(self.normalized_shape) == 1:
+        return MesaLayerNorm.apply(x, self.weight, self.bias, self.eps, tr, cache)
+    return orig(x)
+
+
+def _activation_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    orig, tr, cache = self._memkit_mesa_fwd
+    if _grad_on() and x.requires_grad:
+        return MesaActivation.apply(x, orig, tr, cache)
+    return orig(x)
+
+
+def _gated_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    orig, tg, tu, cache = self._memkit_mesa_fwd
+    if not _grad_on():
+        return orig(x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.requires_grad or up.requires_grad:
+        return self.down_proj(MesaGatedActivation.apply(gate, up, self.act_fn.forward, tg, tu, cache))
+    return self.down_proj(self.act_fn.forward(gate) * up)
 
 
 def mesa_eager_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float,

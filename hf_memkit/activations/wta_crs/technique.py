@@ -3,6 +3,7 @@ state dict and hooks untouched); the sampling RNG is torch's global generator, w
 
 from __future__ import annotations
 
+import types
 from typing import Any, ClassVar
 
 from ...errors import IncompatibleModelError
@@ -49,26 +50,30 @@ class WtaCrsTechnique(Technique):
         mem.add("activations", delta, self.name, note)
 
     def patch_model(self, model: Any) -> PatchHandle:
-        import torch
-
-        from .function import WtaCrsLinear
-
         cfg = self.config
         targets = find_targets(model, cfg.targets)
         for m in targets.values():
-            orig = m.forward
-
-            def forward(x, m=m, orig=orig):
-                if torch.is_grad_enabled() and m.weight.requires_grad:
-                    return WtaCrsLinear.apply(x, m.weight, m.bias, cfg.ratio, cfg.min_k, cfg.winners)
-                return orig(x)
-
-            m.forward = forward
+            # bound as a method with its state on the module: a deep copy of the model (a distillation teacher)
+            # rebinds both to the copy, where a closure would keep computing with this module's weights
+            m._memkit_wta_crs = (m.forward, cfg.ratio, cfg.min_k, cfg.winners)
+            m.forward = types.MethodType(_wta_crs_forward, m)
 
         def undo():
             for m in targets.values():
-                if "forward" in vars(m):
-                    del m.forward
+                for attr in ("forward", "_memkit_wta_crs"):
+                    if attr in vars(m):
+                        delattr(m, attr)
             return model
 
         return PatchHandle(model, undo)
+
+
+def _wta_crs_forward(self: Any, x: Any) -> Any:
+    import torch
+
+    from .function import WtaCrsLinear
+
+    orig, ratio, min_k, winners = self._memkit_wta_crs
+    if torch.is_grad_enabled() and self.weight.requires_grad:
+        return WtaCrsLinear.apply(x, self.weight, self.bias, ratio, min_k, winners)
+    return orig(x)
