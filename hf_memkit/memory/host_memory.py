@@ -170,17 +170,26 @@ def release_host_memory(value: str | None = None) -> str:
     return now
 
 
-def page_out_libraries() -> int:
-    """Ask the kernel to drop this process's resident pages of shared libraries (clean file pages, read back on
-    demand). Returns the bytes of RSS released (0 where unsupported)."""
+def libc_madvise():
+    """The C library's ``madvise(addr, length, advice)`` as a ctypes function, or None (not Linux, no such
+    symbol)."""
     if not sys.platform.startswith("linux"):
-        return 0
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         madvise = libc.madvise
     except (OSError, AttributeError):
-        return 0
+        return None
     madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return madvise
+
+
+def page_out_libraries() -> int:
+    """Ask the kernel to drop this process's resident pages of shared libraries (clean file pages, read back on
+    demand). Returns the bytes of RSS released (0 where unsupported)."""
+    madvise = libc_madvise()
+    if madvise is None:
+        return 0
     before = _rss_file()
     try:
         with open("/proc/self/maps") as f:

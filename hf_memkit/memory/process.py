@@ -196,18 +196,13 @@ def page_out_file_pages(tensors: Any, maps: "list[tuple[int, int, str]] | None" 
     maps = sorted(file_mappings()) if maps is None else maps
     if not maps:
         return 0
-    import ctypes
-    import ctypes.util
     import mmap as _mmap
 
-    from .host_memory import MADV_PAGEOUT
+    from .host_memory import MADV_PAGEOUT, libc_madvise
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+    madvise = libc_madvise()
+    if madvise is None:
         return 0
-    madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
     page = _mmap.PAGESIZE
     advised = 0
     for t in tensors:
