@@ -58,7 +58,7 @@ def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, c
             compress_statistics=double_quant, quant_type=quant_type, device="meta",
         )
         q.weight = bnb.nn.Params4bit(
-            m.weight.data, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant,
+            full, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant,
             blocksize=blocksize,
         ).to(m.weight.device)
         if m.bias is not None:
@@ -77,11 +77,11 @@ def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, c
     from ...integrations.bnb_cpu import keep_4bit_trainable
     from ...memory.process import own_file_mapped_
 
-    keep_4bit_trainable(model)
+    keep_4bit_trainable(model)  # bitsandbytes' CPU inference repacking would cut the input gradients
     # the rest (embeddings, norms, lm_head) leaves the weights file's mapping: every page quantization read would
     # otherwise stay resident for as long as one of them keeps the mapping alive (measured: 569 MiB of file pages
     # at the peak of a SmolLM2 qlora run whose weights hold 158 MiB)
-    own_file_mapped_(model)  # bitsandbytes' CPU inference repacking would cut the input gradients
+    own_file_mapped_(model)
     weakref.finalize(model, _unlink, path)
     return targets, path
 
