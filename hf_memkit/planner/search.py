@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import MemkitError
-from .priors import Priors, load_priors
+from .priors import Prior, Priors, load_priors
 from .space import Candidate, admissible, enumerate_candidates
 
 MiB = 2**20
@@ -185,12 +185,7 @@ def plan(model: Any = "smollm2", budget: "str | int" = "1GiB", *, seq_len: int =
             refused[c.label] = why
             continue
         micro = c.micro_batch or batch_size
-        peak, breakdown = estimator(c, micro, seq_len)
-        factor = prior.peak_factor()
-        if factor > 1.0:  # a family whose measured peak the estimator under-predicted: plan with the measured ratio
-            scaled = int(peak * factor)
-            breakdown = {**breakdown, "under_prediction_bytes": scaled - peak}
-            peak = scaled
+        peak, breakdown = _planned_peak(estimator, prior, c, micro, seq_len)
         scored.append(Scored(c, peak, breakdown, prior.perplexity, prior.step_time(c.toggles, tokens),
                              prior.row, fits=peak <= budget_bytes))
     fitting = sorted((s for s in scored if s.fits), key=Scored.sort_key)
@@ -207,6 +202,18 @@ def plan(model: Any = "smollm2", budget: "str | int" = "1GiB", *, seq_len: int =
     return result
 
 
+def _planned_peak(estimator: Estimator, prior: Prior, c: Candidate, batch: int, seq_len: int):
+    """The estimator's peak for ``c``, scaled up by its family's measured under-prediction
+    (:meth:`Prior.peak_factor`), with the added bytes in the breakdown as ``under_prediction_bytes``."""
+    peak, breakdown = estimator(c, batch, seq_len)
+    factor = prior.peak_factor()
+    if factor > 1.0:
+        scaled = int(peak * factor)
+        breakdown = {**breakdown, "under_prediction_bytes": scaled - peak}
+        peak = scaled
+    return peak, breakdown
+
+
 def _what_it_would_take(p: Plan, estimator: Estimator, batch: int, seq_len: int) -> str:
     """For a budget nothing fits: the smallest predicted peak, and the largest smaller workloads under which the
     leanest candidate would fit."""
@@ -216,10 +223,11 @@ def _what_it_would_take(p: Plan, estimator: Estimator, batch: int, seq_len: int)
     lines = [f"the smallest predicted peak is {lean.peak_bytes / MiB:,.0f} MiB ({lean.label}), "
              f"{(lean.peak_bytes - p.budget_bytes) / MiB:,.0f} MiB over the budget"]
     c = lean.candidate
+    prior = p.priors.get(c.family, release="release" in c.toggles)
     for b in sorted({batch, *(x for x in (1, 2, 4, 8) if x < batch)}, reverse=True):
         s = seq_len
         while s >= 16:
-            peak, _ = estimator(c, b, s)
+            peak, _ = _planned_peak(estimator, prior, c, b, s)
             if peak <= p.budget_bytes:
                 if (b, s) != (batch, seq_len):
                     lines.append(f"it would fit with batch {b} x {s} tokens ({peak / MiB:,.0f} MiB predicted)")

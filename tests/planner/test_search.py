@@ -275,6 +275,11 @@ def test_a_family_the_estimator_under_predicted_is_planned_with_its_measured_rat
             assert s.peak_bytes == int(raw * 1.2) and s.breakdown["under_prediction_bytes"] == s.peak_bytes - raw
         else:
             assert s.peak_bytes == raw and "under_prediction_bytes" not in s.breakdown
+    # nothing fits 300 MiB: the leanest ranked candidate (LoRA + cce + gc, no release row: 500 raw, 600 planned)
+    # and the workload that would fit are both told with the measured ratio (batch 4 x 128: 250 raw, 300 planned)
+    p = run(priors, "300MiB")
+    assert "smallest predicted peak is 600 MiB" in p.suggestion
+    assert "it would fit with batch 4 x 128 tokens (300 MiB predicted)" in p.suggestion
     lora_700 = run(priors, "800MiB", full_finetune=False)  # 700 MiB raw LoRA (no toggle) is 840 MiB planned
     assert all(s.peak_bytes <= 800 * MiB for s in lora_700.fitting)
     assert not any(s.candidate.mode == "lora" and not s.candidate.toggles for s in lora_700.fitting)
