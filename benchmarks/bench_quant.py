@@ -78,14 +78,14 @@ def log(msg: str) -> None:
 
 
 def folder_bytes(folder: str) -> int:
-    from hf_memkit.integrations.hub import folder_bytes as fb
+    from hf_memkit.export.hub import folder_bytes as fb
 
     return fb(folder)
 
 
 def linear_bytes(folder: str, model) -> int:
     """Bytes the quantized layers' tensors take in the checkpoint (packed codes, scales, zero points, shapes)."""
-    from hf_memkit.integrations.compressed_tensors import quantized_bytes_on_disk
+    from hf_memkit.export.compressed_tensors import quantized_bytes_on_disk
     from hf_memkit.quant.linear import quantized_modules
 
     return quantized_bytes_on_disk(folder, [n for n, _m, _q in quantized_modules(model)])
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
     def export(model, name):
-        from hf_memkit.integrations.export import export_compressed_tensors
+        from hf_memkit.export.checkpoint import export_compressed_tensors
 
         out = os.path.join(a.out, name)
         shutil.rmtree(out, ignore_errors=True)

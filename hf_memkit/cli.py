@@ -238,8 +238,8 @@ def _compress(ns: argparse.Namespace) -> int:
 
 
 def _export(ns: argparse.Namespace) -> int:
-    from .integrations.export import check_export_dir
-    from .integrations.hub import upload_plan
+    from .export.checkpoint import check_export_dir
+    from .export.hub import upload_plan
 
     try:
         folder, info = check_export_dir(ns.dir, repo_id=ns.push_to_hub)
@@ -247,7 +247,7 @@ def _export(ns: argparse.Namespace) -> int:
         return _output_error(exc, f"memkit export {ns.dir}")
     print(f"memkit export: {folder} ({info['format']}, {info['bytes_on_disk'] / 2**20:.2f} MiB of weights)")
     if ns.push_to_hub:
-        from .integrations.hub import push_to_hub
+        from .export.hub import push_to_hub
 
         files = upload_plan(folder, include_reports=ns.include_reports)  # a bad folder is a MemkitError, not this
         try:

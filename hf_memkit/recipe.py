@@ -634,6 +634,33 @@ def check_compatibility(recipe: Recipe) -> None:
     classes = [registry.get(s.name, s.slot).technique_cls for s in recipe.techniques]
     check_engine(classes, engine, path=recipe.source, extra_engine="ddp" if engine == "co2" else None,
                  source=source)
+    check_patch_overlaps(recipe)
+    # what each technique can tell from the recipe alone (no model, no machine): refused here, not at run time
+    for spec in recipe.techniques:
+        registry.get(spec.name, spec.slot).technique_cls(spec.config).check_recipe(recipe)
+
+
+def check_patch_overlaps(recipe: Recipe) -> None:
+    """Refuse two techniques that declare patches on the same part of the same modules (``Technique.patches``,
+    :mod:`hf_memkit.integrations.patching`) unless the pair already declares its conflict (reported above) or its
+    parts compose (kernel + weight view)."""
+    from .integrations.patching import SURFACES, overlap
+
+    specs = list(recipe.techniques)
+    for i, a in enumerate(specs):
+        ca = registry.get(a.name, a.slot).technique_cls
+        for b in specs[i + 1:]:
+            cb = registry.get(b.name, b.slot).technique_cls
+            hits = overlap(ca.patches, cb.patches)
+            if hits and b.name not in ca.composes and a.name not in cb.composes:
+                where = hits[0].split(" / ")[0]
+                raise RecipeError(
+                    f"{a.name!r} and {b.name!r} would both patch {SURFACES.get(where, where)} "
+                    f"({a.name}: {ca.patches.get(where) or next(iter(ca.patches.values()))}; "
+                    f"{b.name}: {cb.patches.get(where) or next(iter(cb.patches.values()))}), and no composition "
+                    f"of the two is declared",
+                    path=recipe.source, key=f"{b.slot}.{b.name}",
+                    fix=f"remove one of {a.name!r} and {b.name!r}")
 
 
 def _requirement_fix(ref: str) -> str:

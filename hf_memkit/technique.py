@@ -104,6 +104,15 @@ class Technique:
     #: distributed engines this technique does not work under (``zero3``, ``fsdp``, ...; see the module
     #: docstring), mapped to why; everything else is supported
     unsupported_engines: ClassVar[dict[str, str]] = {}
+    #: the parts of a model this technique patches (:data:`hf_memkit.integrations.patching.SURFACES` -> which
+    #: modules, in words). Two techniques declaring the same part are refused when the recipe loads unless they
+    #: declare a conflict (with its reason) instead; the patching layer enforces the same rule per module at run time
+    patches: ClassVar[dict[str, str]] = {}
+    #: whether ``patch_model`` replaces modules (SST's spectral layers, QAT's quantized Linears): such techniques
+    #: patch before every other, so forward patches land on the modules that will run
+    replaces_modules: ClassVar[bool] = False
+    #: techniques whose patches overlap this one's but compose, mapped to how (the README's table shows it)
+    composes: ClassVar[dict[str, str]] = {}
     #: one-line summary for ``memkit recipes list`` and the README table
     summary: ClassVar[str] = ""
     #: the paper or library this technique comes from
@@ -124,6 +133,10 @@ class Technique:
     def validate(self, ctx: ValidationContext) -> None:
         """Raise a typed error (RecipeError, IncompatibleModelError) when this run cannot work."""
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Raise a RecipeError for what the recipe alone rules out (no model, no machine checks: a recipe written
+        for a GPU loads on a laptop). Called when the recipe loads; ``validate`` runs again with the model."""
+
     def training_args(self, model_config: Any = None) -> dict[str, Any]:
         """TrainingArguments fields this technique sets (the ``distributed`` slot fills ``deepspeed``/``fsdp``),
         given the model's config (None when there is no model yet). They sit under the recipe's own
@@ -133,6 +146,10 @@ class Technique:
     # 2
     def estimate(self, mem: Any) -> None:
         """Add terms to ``mem`` (a :class:`hf_memkit.memory.estimate.MemoryEstimate`)."""
+
+    def finish_estimate(self, mem: Any) -> None:
+        """Called once every technique's ``estimate`` and the model's own activation terms are in: for a technique
+        whose effect applies to whatever the others saved (offloading every saved tensor)."""
 
     # 3
     def patch_model(self, model: Any) -> PatchHandle | None:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import inspect
 import sys
-import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -233,7 +231,10 @@ def prediction_loss_only_of_caller(max_depth: int = 8) -> bool | None:
 # the patch
 
 
-_MISSING = object()
+
+
+def _loss_patch_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return vars(self)["_memkit_loss_patch"]._forward(*args, **kwargs)
 
 
 class CausalLMLossPatch:
@@ -255,26 +256,19 @@ class CausalLMLossPatch:
             raise IncompatibleModelError(
                 f"{key}: this model's forward is already replaced by a fused loss; apply one loss technique once"
             )
-        self._saved_forward = vars(lm).get("forward", _MISSING)
-        self._original = lm.forward  # bound: the class forward, or an instance-level wrapper that was there
+        from .patching import Patches, base_forward
+
+        self._patches = Patches(key.split(".")[-1], lm)
+        # the patching layer binds _loss_patch_forward to lm and keeps this object on it: a deep copy of the
+        # model gets a copy of the patch that computes with the copy's base and head
+        self._patches.forward(lm, _loss_patch_forward)
+        self._patches.set_attr(lm, "_memkit_loss_patch", self)
+        self._original = base_forward(lm)  # the class forward, or an instance-level wrapper that was there
         self._signature = inspect.signature(self._original)
-        patch = self
-
-        @functools.wraps(type(lm).forward)
-        def forward(_self, *args, **kwargs):
-            return patch._forward(*args, **kwargs)
-
-        lm.forward = types.MethodType(forward, lm)
-        lm._memkit_loss_patch = self
 
     # lifecycle ------------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        lm = self.causal_lm
-        if self._saved_forward is _MISSING:
-            vars(lm).pop("forward", None)
-        else:
-            lm.forward = self._saved_forward
-        vars(lm).pop("_memkit_loss_patch", None)
+        self._patches.remove()
 
     @contextlib.contextmanager
     def request_logits(self, want: bool | None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import IncompatibleModelError
+from .patching import swap_module
 
 #: (gate, up, down) names per MLP layout
 MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"),)
@@ -57,7 +58,7 @@ def drop_layers_(model: Any, drop: list[int], key: str) -> None:
     new = torch.nn.ModuleList([blocks[i] for i in keep])
     parent_name, _, attr = prefix.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+    swap_module(parent, attr, new, key)
     for idx, layer in enumerate(new):
         for mod in layer.modules():
             if hasattr(mod, "layer_idx"):
@@ -84,7 +85,7 @@ def shrink_mlp_(layer: Any, keep: Any, key: str, down_scale: Any = None) -> None
             new.weight.copy_(old.weight[keep])
             if old.bias is not None:
                 new.bias.copy_(old.bias[keep])
-            setattr(mlp, name, new)
+            swap_module(mlp, name, new, key)
         old = getattr(mlp, d)
         new = torch.nn.Linear(len(keep), old.out_features, bias=old.bias is not None,
                               device=old.weight.device, dtype=old.weight.dtype)
@@ -94,7 +95,7 @@ def shrink_mlp_(layer: Any, keep: Any, key: str, down_scale: Any = None) -> None
         new.weight.copy_(w.to(old.weight.dtype))
         if old.bias is not None:
             new.bias.copy_(old.bias)
-        setattr(mlp, d, new)
+        swap_module(mlp, d, new, key)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(keep)
 

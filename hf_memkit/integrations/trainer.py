@@ -32,6 +32,13 @@ PATCH_ORDER = ("adapter", "schedule", "activations", "loss", "precision", "distr
                "guard")
 
 
+def patch_sequence(techniques: list[Technique]) -> list[Technique]:
+    """The order ``patch`` applies techniques in: those that replace modules (``Technique.replaces_modules``: SST's
+    spectral layers, QAT's quantized layers) first, so that the techniques that patch forwards see the modules
+    that will run, then by :data:`PATCH_ORDER`, recipe order within a slot."""
+    return sorted(techniques, key=lambda t: (not t.replaces_modules, PATCH_ORDER.index(t.slot)))
+
+
 class RecipeRuntime:
     """The techniques of one recipe, instantiated for one run."""
 
@@ -99,18 +106,15 @@ class RecipeRuntime:
 
             self._restore_kernels = disable_hub_kernels(
                 model, f"{', '.join(patching)} patch module forwards, which kernelize would undo")
-        for slot in PATCH_ORDER:
-            for t in self.techniques:
-                if t.slot != slot:
-                    continue
-                try:
-                    handle = t.patch_model(model)
-                except Exception:
-                    self.unpatch()
-                    raise
-                if handle is not None:
-                    self.handles.append(handle)
-                    model = handle.model
+        for t in patch_sequence(self.techniques):
+            try:
+                handle = t.patch_model(model)
+            except Exception:
+                self.unpatch()
+                raise
+            if handle is not None:
+                self.handles.append(handle)
+                model = handle.model
         return model
 
     def unpatch(self) -> Any:
@@ -189,7 +193,7 @@ class RecipeRuntime:
         compress recipe without ``export:`` gets the default one (safetensors in ``export/``): its result would
         be lost otherwise."""
         from ..quant.pipeline import compress_aside
-        from .export import export_safetensors, export_target
+        from ..export.checkpoint import export_safetensors, export_target
 
         compressors = [t for t in self.techniques if t.slot == "compress"]
         plan = getattr(compressors[0], "plan", None) if compressors else None

@@ -24,7 +24,9 @@ from .activations import add_activation_terms
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 #: hooks run in this slot order: adapters decide what trains before optimizers size their state
-ESTIMATE_ORDER = ("adapter", "schedule", "distributed", "optimizer", "precision", "loss", "activations", "compress")
+#: compress right after the adapter: a before-training pass (e2e_qp) decides what trains, which the optimizer's
+#: states and the activation techniques then see (the same order as patching: module replacements first)
+ESTIMATE_ORDER = ("adapter", "compress", "schedule", "distributed", "optimizer", "precision", "loss", "activations")
 
 
 @dataclass
@@ -61,6 +63,15 @@ class MemoryEstimate:
     aliases: dict[str, str] = field(default_factory=dict)
     #: modules whose input autograd keeps even when their weight is frozen (e.g. LoRA without dropout)
     needs_input: set[str] = field(default_factory=set)
+    #: adapter branches beside frozen Linears: (module, fan_in, rank, dropout); what a branch saves per token is
+    #: the adapter's term, and activation techniques (Mesa, WTA-CRS) that cover the branch's Linears adjust it
+    adapter_branches: list = field(default_factory=list)
+    #: Linears computing with a weight view (AST's W ⊙ M, CAST's W ⊙ A) -> bytes of that view: a kernel technique
+    #: covering such a Linear keeps the view tensor for its backward (patching layer: kernel + view)
+    linear_views: dict = field(default_factory=dict)
+    #: Linears replaced by another module type (SST's spectral layers, QAT's quantized ones): a technique covering
+    #: nn.Linear (Mesa's kernel) does not reach them, and they keep their own saved input
+    replaced_linears: set = field(default_factory=set)
     #: host RAM per rank for ZeRO CPU/NVMe offload (:mod:`hf_memkit.memory.host`), kept apart from the device
     #: categories: ``to_dict()["host_offload"]``
     host: dict[str, int] = field(default_factory=dict)
@@ -227,6 +238,8 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
             if t.slot == slot:
                 t.estimate(mem)
     add_activation_terms(mem, config)
+    for t in techniques:
+        t.finish_estimate(mem)
     for p in mem.trainable():
         mem.add("gradients", p.numel * mem.dtype_bytes, "autograd", "")
     if mem.gradient_release:  # the optimizer steps each parameter in backward and frees its gradient at once

@@ -5,5 +5,5 @@ optimizer-slot techniques, :mod:`.sparse_training`) and structured pruning (``co
 The ``compress:`` techniques share the quantization plan of :mod:`hf_memkit.quant.base` (they run in ``finalize``
 or in ``memkit compress``, before any quantizer of the same list). Model surgery that edits a transformers
 config (dropping decoder layers, shrinking the MLP) lives in :mod:`hf_memkit.integrations.structured`; the
-checkpoint writer in :mod:`hf_memkit.integrations.sparse_export`.
+checkpoint writer in :mod:`hf_memkit.export.sparse`.
 """

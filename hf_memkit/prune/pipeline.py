@@ -41,7 +41,7 @@ def prune_model_(model: Any, name: str, config: Any = None, *, calibration: "Cal
     if name in SEMI_STRUCTURED:
         report = semi_structured_prune_(model, name, config, calibration, key)
     else:
-        from ..integrations.export import STRUCTURED_ATTR
+        from ..export.checkpoint import STRUCTURED_ATTR
         from .comp.structured import structured_prune_
 
         report = structured_prune_(model, ratio=config.ratio, layer_share=getattr(config, "layer_share", 0.0),

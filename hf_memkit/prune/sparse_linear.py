@@ -12,7 +12,6 @@ state-dict keys (the forward is overridden on the instance; ``remove`` deletes t
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -90,12 +89,41 @@ class ScaledLinear(torch.autograd.Function):
         return dx, dw, ds, db
 
 
+def _ast_weight(self):
+    return MaskSTE.apply(self.weight, self.sparse_mask.to(self.weight.dtype))
+
+
+def _ast_extra(self, x):
+    s = self._parameters.get(SLORB)
+    return None if s is None else F.linear(slorb_project(x, self.memkit_slorb_k), s.to(x.dtype))
+
+
 def _ast_forward(self, x):
     y = MaskedLinear.apply(x, self.weight, self.sparse_mask, self.bias)
-    s = self._parameters.get(SLORB)
-    if s is not None:
-        y = y + F.linear(slorb_project(x, self.memkit_slorb_k), s.to(x.dtype))
-    return y
+    extra = _ast_extra(self, x)
+    return y if extra is None else y + extra
+
+
+class ScaledWeight(torch.autograd.Function):
+    """``W ⊙ (A⊗1)`` as a weight view, saving only the two parameters (autograd's product would also keep the
+    weight-sized expanded scale): ``dW = G ⊙ (A⊗1)``, ``dA = Σ_group G ⊙ W``."""
+
+    @staticmethod
+    def forward(ctx, weight, scale):
+        ctx.save_for_backward(weight, scale)
+        return weight * expand_scale(scale, weight.shape[1]).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, scale = ctx.saved_tensors
+        dw = g * expand_scale(scale, weight.shape[1]).to(g.dtype) if ctx.needs_input_grad[0] else None
+        ds = (g * weight).reshape(scale.shape[0], scale.shape[1], -1).sum(-1).to(scale.dtype) \
+            if ctx.needs_input_grad[1] else None
+        return dw, ds
+
+
+def _cast_weight(self):
+    return ScaledWeight.apply(self.weight, self.cast_scale)
 
 
 def _cast_forward(self, x):
@@ -103,23 +131,32 @@ def _cast_forward(self, x):
 
 
 def install_(linear: Any, mask: torch.Tensor, kind: str, *, slorb_k: int | None = None, scale_groups: int = 2) -> None:
+    """Install AST's or CAST's weight view on ``linear`` through the patching layer (part ``linear.view``): alone,
+    its fused forward runs (saving only ``x``); under a kernel (Mesa's 8-bit saving, WTA-CRS), the kernel
+    computes with the masked or scaled weight, straight-through as here."""
+    from ..integrations.patching import Part, claim
+
     linear.register_buffer(MASK, mask.to(device=linear.weight.device, dtype=torch.bool), persistent=False)
     setattr(linear, _ORIG, kind)
     if kind == "ast":
         if slorb_k:
             linear.memkit_slorb_k = slorb_k
             linear.register_parameter(SLORB, torch.nn.Parameter(slorb_init(linear.weight, mask, slorb_k)))
-        linear.forward = types.MethodType(_ast_forward, linear)
+        view = Part(kind, weight=_ast_weight, fused=_ast_forward, extra=_ast_extra)
     else:
         linear.register_parameter(SCALE, torch.nn.Parameter(
             torch.ones(linear.out_features, scale_groups, dtype=linear.weight.dtype, device=linear.weight.device)))
-        linear.forward = types.MethodType(_cast_forward, linear)
+        view = Part(kind, weight=_cast_weight, fused=_cast_forward)
+    claim(linear, "linear.view", view)
 
 
 def uninstall_(linear: Any) -> None:
     """Back to a plain ``nn.Linear`` (weight values are left as they are)."""
-    if "forward" in vars(linear):
-        del linear.forward
+    from ..integrations.patching import parts_of, unclaim
+
+    view = parts_of(linear).get("linear.view")
+    if view is not None:
+        unclaim(linear, "linear.view", view.owner)
     linear._buffers.pop(MASK, None)
     linear._parameters.pop(SLORB, None)
     linear._parameters.pop(SCALE, None)

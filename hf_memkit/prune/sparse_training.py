@@ -7,13 +7,12 @@ time), checkpoint state (the masks) and ``finalize`` (hard projection to exact 2
 in one slot owns all of them.
 
 ``finalize`` leaves plain ``nn.Linear`` layers whose weights are exactly 2:4 (marked for the exporter); with
-``export: {format: compressed-tensors}`` it writes the 2:4 checkpoint (:mod:`hf_memkit.integrations.sparse_export`)
+``export: {format: compressed-tensors}`` it writes the 2:4 checkpoint (:mod:`hf_memkit.export.sparse`)
 and, with SLoRB, the branch as a PEFT LoRA in ``slorb_adapter/``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from typing import Any, ClassVar
@@ -50,6 +49,7 @@ _ENGINE_REASON = (
 class SparseTrainingTechnique(OptimizerTechnique):
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
     kind: ClassVar[str] = ""
+    patches: ClassVar[dict[str, str]] = {"linear.view": "the 2:4 target nn.Linear layers (masked or scaled weight)"}
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
         "slot:adapter": "2:4 sparse training updates the base Linear weights, which an adapter freezes",
@@ -80,8 +80,13 @@ class SparseTrainingTechnique(OptimizerTechnique):
     def validate(self, ctx: ValidationContext) -> None:
         super().validate(ctx)
         self.recipe = ctx.recipe
+        if ctx.recipe is not None:
+            self.check_recipe(ctx.recipe)
+
+    def check_recipe(self, recipe: Any) -> None:
+        ctx = ValidationContext(recipe=recipe)
         _task, kl, _t = self.distill_weights()
-        if kl > 0 and ctx.recipe is not None and ctx.recipe.slot("loss"):
+        if kl > 0 and ctx.recipe.slot("loss"):
             raise RecipeError(
                 f"{self.name} distils from the dense teacher's logits, and the loss technique "
                 f"{ctx.recipe.slot('loss')[0].name!r} does not materialise the student's logits",
@@ -98,7 +103,10 @@ class SparseTrainingTechnique(OptimizerTechnique):
         targets = sparse_targets(model, self.config.skip_modules, self.key)
         _task, kl, _t = self.distill_weights()
         if kl > 0:
-            self.teacher = copy.deepcopy(model).eval()
+            from ..integrations.patching import unpatched_copy
+
+            # the dense original: a copy without the other techniques' patches (Mesa's 8-bit forwards)
+            self.teacher = unpatched_copy(model).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         for name, lin in targets.items():
@@ -254,6 +262,7 @@ class SparseTrainingTechnique(OptimizerTechnique):
             if "embed" in module or info.shape[1] % 4:
                 continue
             mem.add("weights", info.numel, self.name, f"{module} 2:4 mask (bool)")
+            mem.linear_views[module] = info.numel * mem.dtype_bytes
             self.estimate_layer(mem, module, info.shape)
         _task, kl, _t = self.distill_weights()
         if kl > 0:
@@ -296,13 +305,13 @@ class SparseTrainingTechnique(OptimizerTechnique):
                     len(self.layers), self.flips)
         if any(getattr(lin, "memkit_lorc", None) for lin in self.layers.values()):
             from ..atomic import atomic_dir
-            from ..integrations.lorc_adapter import write_lorc_adapter
+            from ..export.lorc_adapter import write_lorc_adapter
 
             with atomic_dir(os.path.join(output_dir, SLORB_DIR)) as tmp:  # replaced whole, never half written
                 write_lorc_adapter(model, str(tmp))
         export = getattr(self.recipe, "export", None)
         if export is not None and export.format == "compressed-tensors":
-            from ..integrations.export import export_sparse, export_target
+            from ..export.checkpoint import export_sparse, export_target
 
             export_sparse(model, export_target(output_dir, export.dir), recipe=self.recipe, tokenizer=self.tokenizer)
 

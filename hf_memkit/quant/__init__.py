@@ -6,6 +6,6 @@ Layout: :mod:`.grid` (the uniform grid: fitting scales and zero points, codes, d
 :func:`~hf_memkit.quant.pipeline.quantize_model_`), :mod:`.base` (how a recipe's compress list runs in a
 Trainer), one folder per technique (``config.py`` + ``technique.py`` + the algorithm), :mod:`.evaluate`
 (corpus perplexity), :mod:`.threads` and :mod:`.oneshot` (``memkit compress``). Checkpoint formats live in
-:mod:`hf_memkit.integrations.compressed_tensors` and :mod:`hf_memkit.integrations.lorc_adapter`.
+:mod:`hf_memkit.export.compressed_tensors` and :mod:`hf_memkit.export.lorc_adapter`.
 Importing a config or technique module does not import torch; the algorithm modules load when a pass runs.
 """

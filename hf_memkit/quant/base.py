@@ -90,6 +90,18 @@ class Plan:
             return self.pruners[0][0]
         return "lorc" if self.lorc is not None else "e2e_qp"
 
+    def check_order(self) -> None:
+        """e2e_qp trains the scales of the model its quantizer (or LoRC) produced, so it comes after them."""
+        if self.e2e is None:
+            return
+        at = self.names.index("e2e_qp")
+        later = [n for n in self.names[at + 1:] if ROLES.get(n) in (QUANTIZER, COMPENSATOR)]
+        if later:
+            raise RecipeError(
+                f"e2e_qp trains the step sizes of the model {later[0]} quantizes, so {later[0]} must come before it "
+                f"in the compress list", path=getattr(self.recipe, "source", None), key=f"compress.{later[0]}",
+                fix=f"list {later[0]} before e2e_qp: compress: [{{{later[0]}: ...}}, {{e2e_qp: ...}}]")
+
     def check_pruners(self) -> None:
         """Pruning runs first, after training; what cannot follow it is refused here."""
         if not self.pruners:
@@ -166,6 +178,8 @@ class CompressTechnique(Technique):
     """Base of the ``compress`` slot techniques (not registered itself: it has no name)."""
 
     slot: ClassVar[str] = "compress"
+    #: before training (a quantizer followed by e2e_qp) the pass rewrites the Linears; it goes before forward patches
+    replaces_modules: ClassVar[bool] = True
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero3", "fsdp")}
     role: ClassVar[str] = QUANTIZER
     calibrated: ClassVar[bool] = False
@@ -185,12 +199,18 @@ class CompressTechnique(Technique):
         return f"compress.{self.name}"
 
     # 1 ----------------------------------------------------------------------------------------------------------
+    def check_recipe(self, recipe: Any) -> None:
+        """The compress list's order and combinations are the recipe's own: refused when it loads."""
+        CompressTechnique.validate(self, ValidationContext(recipe=recipe))
+        self._plan = None
+
     def validate(self, ctx: ValidationContext) -> None:
         recipe = ctx.recipe
         self._plan = Plan.from_recipe(recipe) if recipe is not None and recipe.slot("compress") else None
         plan = self.plan
         if self.name != plan.leader:
             return
+        plan.check_order()
         plan.check_pruners()
         if not plan.has_quant:
             return
@@ -221,7 +241,7 @@ class CompressTechnique(Technique):
         targets = check_model(meta, qname, qcfg, key)
         export = self.plan.export
         if export is not None and export.format == "compressed-tensors":
-            from ..integrations.compressed_tensors import check_loadable
+            from ..export.compressed_tensors import check_loadable
 
             check_loadable({qcfg.spec().for_width(m.in_features) for m in targets.values()}, key)
 
@@ -339,7 +359,7 @@ class CompressTechnique(Technique):
         if export is not None and export.format == "compressed-tensors":
             # RecipeRuntime.finalize only knows export_safetensors; this goes once it calls export_model. The
             # runtime hands a model whose trained weights come back afterwards (quant.pipeline.compress_aside).
-            from ..integrations.export import export_model, export_target
+            from ..export.checkpoint import export_model, export_target
 
             export_model(model, export_target(output_dir, export.dir), export, recipe=plan.recipe,
                          tokenizer=self.run.tokenizer or _tokenizer_for(model))

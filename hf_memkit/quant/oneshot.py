@@ -18,7 +18,7 @@ from typing import Any
 
 from ..atomic import pause_point
 from ..errors import RecipeError
-from ..integrations.export import OutputDirError
+from ..export.checkpoint import OutputDirError
 from .base import REPORT_FILE, Plan
 
 E2E_DEFAULTS = {"max_steps": 50, "per_device_train_batch_size": 4, "lr_scheduler_type": "cosine",
@@ -56,7 +56,7 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
     recipe = load_recipe(recipe)
     plan = check_recipe(recipe)  # a bad recipe stops here, before any model loads
     from ..data.models import resolve_model_path
-    from ..integrations.export import check_output_dir
+    from ..export.checkpoint import check_output_dir
 
     path = resolve_model_path(model)
     _check_not_source(path, output_dir, overwrite)
@@ -76,7 +76,7 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
     net, report, ppl_fp, ppl_q = _run_passes(net, tok, recipe, plan, evaluate, log)
     seconds = time.perf_counter() - t0
     export = _write_output(net, tok, recipe, plan, output_dir, report, ppl_fp, ppl_q, overwrite)
-    from ..integrations.hub import folder_bytes
+    from ..export.hub import folder_bytes
 
     log(f"hf_memkit: export in {output_dir} (manifest {output_dir}/memkit_export.json)")
     return {"model": model, "recipe": recipe.source, "techniques": plan.names, "format": export.format,
@@ -134,7 +134,7 @@ def _write_output(net: Any, tok: Any, recipe: Any, plan: Plan, output_dir: str, 
     """The export, its tokenizer and the compression report, staged together and renamed into place at once
     (so weights, config.json, model card and manifest always describe the same pass)."""
     from ..atomic import write_json
-    from ..integrations.export import staged_export, write_export
+    from ..export.checkpoint import staged_export, write_export
     from ..recipe import ExportConfig
 
     export = recipe.export if recipe.export is not None else ExportConfig(format="compressed-tensors")

@@ -210,7 +210,7 @@ def compress_aside(model: Any, plan: Any) -> Iterator[Any]:
     together with the per-module quantization/LoRC/2:4 state as it was. A deep copy on the device would add the
     whole model to the peak at the end of training. Structural pruning (comp, l1_structured) rebuilds modules and
     edits the config, which copying values back cannot undo, so it runs on a deep copy (+1x the weights on the
-    model's device while it runs). Stage ``before`` (e2e_qp) yields the model itself: there the trained model *is*
+    model's device while it runs; the copy has none of the training patches). Stage ``before`` (e2e_qp) yields the model itself: there the trained model *is*
     the quantized one."""
     if plan is None or plan.stage != "after":
         yield model
@@ -218,9 +218,23 @@ def compress_aside(model: Any, plan: Any) -> Iterator[Any]:
     from .base import SEMI_STRUCTURED
 
     if any(name not in SEMI_STRUCTURED for name, _cfg in plan.pruners):
-        import copy
+        import torch
 
-        yield copy.deepcopy(model)
+        from ..integrations.patching import unpatched_copy
+
+        # the copy without the training patches (Mesa's kernels, 16-bit storage forwards): it is exported as a
+        # plain model, and pruning replaces its Linears
+        work = unpatched_copy(model)
+        # 16-bit storage keeps Linear/Embedding weights narrower than the rest and computes through its own
+        # forwards, which the plain copy has not: the copy computes (and exports) in the widest dtype present,
+        # exactly holding the stored values
+        floats = {p.dtype for p in work.parameters() if p.is_floating_point()}
+        if len(floats) > 1:
+            widest = max(floats, key=lambda d: torch.finfo(d).bits)
+            for p in work.parameters():
+                if p.is_floating_point() and p.dtype != widest:
+                    p.data = p.data.to(widest)
+        yield work
         return
     saved = _snapshot(model)
     try:

@@ -52,3 +52,39 @@ def test_the_teacher_is_the_dense_original_and_the_student_keeps_its_saving(tiny
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())  # the student moved
     with torch.no_grad():  # the teacher did not
         torch.testing.assert_close(teacher(input_ids=ids).logits, want, rtol=0, atol=1e-6)
+
+
+def _float_activations_saved(model, ids):
+    """Shapes of the floating-point tensors with a (batch, seq) prefix that autograd saves in one step."""
+    shapes = []
+
+    def pack(t):
+        if t.is_floating_point() and t.dim() >= 3 and tuple(t.shape[:2]) == tuple(ids.shape):
+            shapes.append(tuple(t.shape))
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad()
+    return sorted(shapes)
+
+
+@pytest.mark.parametrize("technique", ["ast", "cast"])
+def test_mesa_keeps_the_sparse_linears_inputs_in_8_bits(tiny_path, tiny_dataset, tmp_path, technique):
+    """Regression: AST/CAST used to replace the Linear forwards Mesa had installed, so inside the pair every
+    Linear saved its fp32 input again. Through the patching layer Mesa's kernel computes with the sparse weight
+    view: the pair saves exactly the floating-point activations Mesa alone saves."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_memkit import MemkitTrainer
+
+    ids = torch.randint(1, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    saved = {}
+    for name, recipe in (("mesa", {"memkit": 1, "activations": [{"mesa": {}}]}),
+                         ("pair", {"memkit": 1, "activations": [{"mesa": {}}], "optimizer": {technique: {}}})):
+        model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="eager")
+        trainer = MemkitTrainer(model=model, args=make_args(tmp_path / name, max_steps=1),
+                                train_dataset=tiny_dataset, recipe=recipe)
+        saved[name] = _float_activations_saved(trainer.model, ids)
+    assert saved["pair"] == saved["mesa"]

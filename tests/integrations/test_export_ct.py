@@ -14,12 +14,12 @@ import torch
 
 from hf_memkit import MemkitTrainer
 from hf_memkit.errors import IncompatibleModelError
-from hf_memkit.integrations.compressed_tensors import (
+from hf_memkit.export.compressed_tensors import (
     pack_codes,
     quantized_bytes_on_disk,
     unpack_codes,
 )
-from hf_memkit.integrations.export import export_model
+from hf_memkit.export.checkpoint import export_model
 from hf_memkit.quant.grid import QuantSpec, storage_bits
 from hf_memkit.quant.linear import quantized_modules
 from hf_memkit.recipe import ExportConfig

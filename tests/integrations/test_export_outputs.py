@@ -13,8 +13,8 @@ import torch
 
 from hf_memkit import MemkitTrainer
 from hf_memkit.errors import MemkitError, RecipeError
-from hf_memkit.integrations.export import OutputDirError, export_model, export_target, find_export
-from hf_memkit.integrations.hub import (
+from hf_memkit.export.checkpoint import OutputDirError, export_model, export_target, find_export
+from hf_memkit.export.hub import (
     EXPORT_INFO,
     ForeignFolderError,
     check_manifest,
@@ -108,7 +108,7 @@ def test_compress_refuses_to_overwrite_its_own_input(tmp_path, compressed, capsy
 
 
 def test_an_export_that_fails_mid_write_leaves_the_old_one(tmp_path, compressed, monkeypatch):
-    from hf_memkit.integrations import hub
+    from hf_memkit.export import hub
     from hf_memkit.quant.oneshot import compress
 
     out = tmp_path / "out"

@@ -114,3 +114,25 @@ def test_cast_scaled_forward_and_fold():
     torch.nn.functional.linear(x.detach(), ref_w * sl.expand_scale(ref_s, 16), lin.bias.detach()).sum().backward()
     torch.testing.assert_close(lin.weight.grad, ref_w.grad)
     torch.testing.assert_close(lin.cast_scale.grad, ref_s.grad)
+
+
+def test_cast_weight_view_matches_plain_autograd():
+    """CAST's weight view (used when a kernel such as Mesa computes the Linear) saves only the parameters; its
+    gradients equal autograd's through ``W * expand(A)``."""
+    from hf_memkit.prune.sparse_linear import ScaledWeight, expand_scale
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, requires_grad=True)
+    a = torch.rand(6, 2, requires_grad=True)
+    g = torch.randn(6, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        view = ScaledWeight.apply(w, a)
+    assert all(t is w or t is a for t in saved)  # no weight-sized product kept
+    dw, da = torch.autograd.grad(view, (w, a), g)
+    w2, a2 = w.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    ref = w2 * expand_scale(a2, 8)
+    torch.testing.assert_close(view, ref)
+    rw, ra = torch.autograd.grad(ref, (w2, a2), g)
+    torch.testing.assert_close(dw, rw)
+    torch.testing.assert_close(da, ra)

@@ -41,7 +41,7 @@ def _ours(model):
 @pytest.mark.parametrize("name", ["comp", "l1_structured"])
 def test_structured_gives_standard_smaller_config(name, tiny_model, tiny_tokenizer, tmp_path):
     from hf_memkit import registry
-    from hf_memkit.integrations.export import export_model
+    from hf_memkit.export.checkpoint import export_model
     from hf_memkit.recipe import ExportConfig
 
     cfg = registry.get(name).config_cls(ratio=0.6, layer_share=0.5, round_to=8) if name == "comp" else \
@@ -97,7 +97,7 @@ def test_bad_inputs_are_typed_errors(tiny_model):
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_24_export_loads_in_fresh_process(quantized, tiny_model, tmp_path):
-    from hf_memkit.integrations.export import export_model
+    from hf_memkit.export.checkpoint import export_model
     from hf_memkit.quant.pipeline import quantize_model_
     from hf_memkit.quant.rtn.config import RTNConfig
     from hf_memkit.recipe import ExportConfig
@@ -124,8 +124,8 @@ def test_24_export_loads_in_fresh_process(quantized, tiny_model, tmp_path):
 
 
 def test_bitmask_layout_round_trips(tiny_model, tmp_path):
-    from hf_memkit.integrations.export import export_model
-    from hf_memkit.integrations.sparse_export import load_bitmask_state_dict
+    from hf_memkit.export.checkpoint import export_model
+    from hf_memkit.export.sparse import load_bitmask_state_dict
     from hf_memkit.prune.sparse24 import unpack_bitmask
     from hf_memkit.recipe import ExportConfig
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from hf_memkit.integrations.hub import EXPORT_INFO, check_manifest
+from hf_memkit.export.hub import EXPORT_INFO, check_manifest
 
 OLD = "memkit: 1\ncompress: [{rtn: {bits: 4, group_size: 32, symmetric: true}}]\n"
 NEW = "memkit: 1\ncompress: [{rtn: {bits: 2, group_size: 32, symmetric: true}}, {lorc: {rank: 2}}]\n"
@@ -77,7 +77,7 @@ def test_compress_killed_at_a_phase_leaves_the_old_export_or_nothing(phase, expe
     _kill_at(phase, out, tmp_path / "new.yaml")
     assert _state(out, old_files) == expected
     # the next write (or `memkit export`) first puts a folder moved aside by a kill back in place
-    from hf_memkit.integrations.export import check_output_dir
+    from hf_memkit.export.checkpoint import check_output_dir
 
     check_output_dir(str(out))
     assert _state(out, old_files) == "old"

@@ -35,13 +35,16 @@ class MesaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, tracker: RangeTracker, cache: PackCache | None):
-        ctx.impl, ctx.weight, ctx.has_bias = tracker.impl, weight, bias is not None
-        _save(ctx, [pack_with(tracker, x, cache)] if weight.requires_grad else [])
+        # a parameter is held by the model anyway; a weight view (AST's W ⊙ M, computed per call) is a tensor of
+        # its own that backward needs: saved as one, so that it is seen and accounted like every saved tensor
+        view = weight.grad_fn is not None
+        ctx.impl, ctx.weight, ctx.has_bias = tracker.impl, None if view else weight, bias is not None
+        _save(ctx, [pack_with(tracker, x, cache)] if weight.requires_grad else [], (weight,) if view else ())
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
-        weight = ctx.weight
+        weight = ctx.weight if ctx.weight is not None else ctx.saved_tensors[2 * len(ctx.meta)]
         gx = gw = gb = None
         g2 = g.reshape(-1, g.shape[-1])
         if ctx.needs_input_grad[0]:

@@ -15,11 +15,11 @@ Covered (by class, a small table — families differ only in names):
 
 from __future__ import annotations
 
-import types
 from typing import Any, Callable
 
 import torch
 
+from ...integrations.patching import base_forward, part_state, parts_of
 from .functions import MesaActivation, MesaAttention, MesaGatedActivation, MesaLayerNorm, MesaLinear, MesaRMSNorm
 from .quantizer import PackCache, RangeTracker
 
@@ -36,12 +36,14 @@ def _grad_on() -> bool:
 
 class MesaPatcher:
     def __init__(self, groups: int, ema_decay: float, impl: str, cover: set[str], widen: bool = True):
+        from ...integrations.patching import Patches
+
         self.groups, self.ema_decay, self.impl, self.cover, self.widen = groups, ema_decay, impl, cover, widen
         self.trackers: dict[str, RangeTracker] = {}
         self.cache = PackCache()
         self.patched: list[Any] = []
         self.covered: dict[str, str] = {}  # module name -> what is stored in 8 bits
-        self._undo: list[Callable[[], None]] = []
+        self.patches = Patches("mesa")
 
     def tracker(self, name: str, layout: str = "channels") -> RangeTracker:
         t = self.trackers.get(name)
@@ -51,17 +53,16 @@ class MesaPatcher:
         return t
 
     def _set_forward(self, module: Any, fwd: Callable, *state: Any) -> None:
-        """Install ``fwd(self, x)`` as ``module``'s forward, bound as a method, with what it needs kept on the module
-        (``_memkit_mesa_fwd``: the forward it replaces, as a bound method, then trackers and cache). A deep copy
-        of the model (a distillation teacher, an EMA copy) rebinds both to the copied module, so the copy computes
-        with its own weights; a closure would keep computing with this module's."""
-        module._memkit_mesa_fwd = (module.forward, *state)
-        module.forward = types.MethodType(fwd, module)
+        """``fwd(self, x)`` becomes ``module``'s forward through the patching layer, its state kept on the module
+        (a deep copy of the model rebinds both to the copy, see :mod:`hf_memkit.integrations.patching`)."""
+        self.patches.forward(module, fwd, *state)
         self.patched.append(module)
 
     # --- per kind -----------------------------------------------------------------------------------------
     def linear(self, name: str, m: Any) -> None:
-        self._set_forward(m, _linear_forward, self.tracker(name + ":input"), self.cache)
+        # the kernel part: composes with a weight view (AST's masked weight, CAST's scaled one)
+        self.patches.linear_kernel(m, _linear_kernel, self.tracker(name + ":input"), self.cache)
+        self.patched.append(m)
         self.covered[name] = "input"
 
     def rmsnorm(self, name: str, m: Any) -> None:
@@ -89,20 +90,21 @@ class MesaPatcher:
             return False
         for name, m in model.named_modules():
             if hasattr(m, "q_proj") and hasattr(m, "scaling") and hasattr(m, "num_key_value_groups"):
-                m._memkit_mesa = ({r: self.tracker(f"{name}:{r}", "heads") for r in ("q", "k", "v", "p")},
-                                  self.cache)
+                self.patches.set_attr(m, "_memkit_mesa", (
+                    {r: self.tracker(f"{name}:{r}", "heads") for r in ("q", "k", "v", "p")}, self.cache))
                 self.patched.append(m)
                 self.covered[name] = "q, k, v and softmax output (per head)"
-        self._undo.append(swap_eager_attention(model, ATTENTION_NAME, mesa_eager_attention))
+        self.patches.on_remove(swap_eager_attention(model, ATTENTION_NAME, mesa_eager_attention))
         return True
 
     # --- all --------------------------------------------------------------------------------------------------
     def apply(self, model: Any) -> None:
         from ...integrations.hub_kernels import disable_hub_kernels
 
+        self.patches.model = model
         restore = disable_hub_kernels(model, "Mesa replaces the forward of norms, MLPs and attention")
         if restore is not None:
-            self._undo.append(restore)  # undone last, after the forwards are gone
+            self.patches.on_remove(restore)  # undone last, after the forwards are gone
         gated = set()
         for name, m in model.named_modules():
             cls = type(m).__name__
@@ -113,7 +115,8 @@ class MesaPatcher:
         for name, m in model.named_modules():
             cls = type(m).__name__
             if type(m) is torch.nn.Linear and "linear" in self.cover:
-                self.linear(name, m)
+                if "forward" not in parts_of(m):  # sparse update's sliced Linears save little already
+                    self.linear(name, m)
             elif cls in LLAMA_RMSNORMS and "norm" in self.cover:
                 self.rmsnorm(name, m)
             elif type(m) is torch.nn.LayerNorm and "norm" in self.cover:
@@ -122,39 +125,41 @@ class MesaPatcher:
                 self.activation(name, m)
         if "attention" in self.cover:
             self.attention(model)
-        hook = model.register_forward_pre_hook(lambda *_: self.cache.clear())
-        self._undo.append(hook.remove)
+        self.patches.hook(model.register_forward_pre_hook(_clear_cache))
+        self.patches.set_attr(model, "_memkit_mesa_cache", self.cache)
 
     def remove(self) -> None:
-        for m in self.patched:
-            for attr in ("forward", "_memkit_mesa", "_memkit_mesa_fwd"):
-                if attr in vars(m):
-                    delattr(m, attr)
-        while self._undo:
-            self._undo.pop()()
+        self.patches.remove()
         self.patched.clear()
         self.cache.clear()
+
+
+def _clear_cache(model: Any, args: Any) -> None:
+    # reads the cache from the model, so that a deep-copied model clears its own copy
+    cache = vars(model).get("_memkit_mesa_cache")
+    if cache is not None:
+        cache.clear()
 
 
 # the forwards, bound to their module (see MesaPatcher._set_forward) ------------------------------------------------
 
 
-def _linear_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    orig, tr, cache = self._memkit_mesa_fwd
-    if _grad_on() and self.weight.requires_grad:
-        return MesaLinear.apply(x, self.weight, self.bias, tr, cache)
-    return orig(x)
+def _linear_kernel(self: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+    tr, cache = part_state(self, "linear.kernel")
+    if _grad_on() and weight.requires_grad:
+        return MesaLinear.apply(x, weight, bias, tr, cache)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _rmsnorm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    orig, tr, cache, eps = self._memkit_mesa_fwd
+    (tr, cache, eps), orig = part_state(self, "forward"), base_forward(self)
     if _grad_on() and (x.requires_grad or self.weight.requires_grad):
         return MesaRMSNorm.apply(x, self.weight, eps, 0.0, tr, cache)
     return orig(x)
 
 
 def _layernorm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    orig, tr, cache = self._memkit_mesa_fwd
+    (tr, cache), orig = part_state(self, "forward"), base_forward(self)
     trains = self.weight is not None and self.weight.requires_grad
     if _grad_on() and (x.requires_grad or trains) and len(self.normalized_shape) == 1:
         return MesaLayerNorm.apply(x, self.weight, self.bias, self.eps, tr, cache)
@@ -162,14 +167,14 @@ def _layernorm_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _activation_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    orig, tr, cache = self._memkit_mesa_fwd
+    (tr, cache), orig = part_state(self, "forward"), base_forward(self)
     if _grad_on() and x.requires_grad:
         return MesaActivation.apply(x, orig, tr, cache)
     return orig(x)
 
 
 def _gated_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    orig, tg, tu, cache = self._memkit_mesa_fwd
+    (tg, tu, cache), orig = part_state(self, "forward"), base_forward(self)
     if not _grad_on():
         return orig(x)
     gate, up = self.gate_proj(x), self.up_proj(x)

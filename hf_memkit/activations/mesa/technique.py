@@ -22,6 +22,16 @@ class MesaTechnique(Technique):
     summary: ClassVar[str] = ("Mesa: tensors saved for backward kept in 8 bits (running per-group ranges, "
                               "stochastic rounding); forward exact")
     reference: ClassVar[str] = "Pan et al. 2021; ziplab/Mesa"
+    patches: ClassVar[dict[str, str]] = {
+        "linear.kernel": "every nn.Linear (the input saved in 8 bits while its weight trains)",
+        "norm.forward": "RMSNorm and LayerNorm layers",
+        "mlp.forward": "gated MLP blocks and activations",
+        "attention.forward": "eager attention",
+    }
+    composes: ClassVar[dict[str, str]] = {
+        "sparse_update": "Mesa leaves the Linears sparse update owns: their forward saves only the selected input "
+                         "channels already",
+    }
     conflicts: ClassVar[dict[str, str]] = {
         "wta_crs": "both replace what Linear layers save for backward; use one of them",
     }

@@ -13,9 +13,12 @@ from ..saved_layout import dims, head_tensors, layer_tensors, saved_tensors
 
 def offload_estimate(mem: Any, cfg: Any) -> None:
     config = mem.model.config
-    logits = sum(t.bytes for t in mem.terms if t.category == "logits")
-    if logits >= cfg.min_bytes:  # the loss's saved log-probabilities leave the device too
-        mem.replace_category("logits", 0, "offload", "offloaded with the other saved tensors")
+    # the cross-entropy's saved log-probabilities leave the device too; other logits terms (a distillation's
+    # teacher and student log-probabilities, held by the loss code outside autograd's saved tensors) stay
+    loss_terms = [t for t in mem.terms if t.category == "logits" and t.source == "model"]
+    logits = sum(t.bytes for t in loss_terms)
+    if logits >= cfg.min_bytes:
+        mem.add("logits", -logits, "offload", "the cross-entropy's saved log-probabilities leave the device")
         mem.add("activations_offloaded", logits, "offload", "the loss's saved log-probabilities")
     d, T, k = mem.dtype_bytes, mem.batch_size * mem.seq_len, dims(config)
     small = lambda b: b < cfg.min_bytes  # noqa: E731
@@ -39,6 +42,19 @@ def offload_estimate(mem: Any, cfg: Any) -> None:
         mem.add("activations_offloaded", moved, "offload", f"α={cfg.token_fraction} of the token rows stored")
         return
     else:
-        moved = sum(s.bytes for s in saved_tensors(mem, config) if not small(s.bytes))
+        return  # everything saved moves: offload_finish, once every technique's activation terms are in
+    mem.add("activations", -moved, "offload", "saved tensors >= min_bytes leave the device")
+    mem.add("activations_offloaded", moved, "offload", "host RAM (to: cpu) or disk (to: disk)")
+
+
+def offload_finish(mem: Any, cfg: Any) -> None:
+    """Whole-tensor offload without checkpointing: every saved tensor of ``min_bytes`` or more leaves the device,
+    whichever technique shaped it (an adapter's inputs, Mesa's 8-bit copies, WTA-CRS's sampled rows), so the
+    moved bytes are the activations the other techniques' terms add up to, less the small tensors that stay."""
+    if mem.gradient_checkpointing or cfg.token_fraction < 1:
+        return
+    total = sum(t.bytes for t in mem.terms if t.category == "activations")
+    kept = sum(s.bytes for s in saved_tensors(mem, mem.model.config) if s.bytes < cfg.min_bytes)
+    moved = max(0, total - kept)
     mem.add("activations", -moved, "offload", "saved tensors >= min_bytes leave the device")
     mem.add("activations_offloaded", moved, "offload", "host RAM (to: cpu) or disk (to: disk)")

@@ -70,6 +70,11 @@ class OffloadTechnique(Technique):
 
         offload_estimate(mem, self.config)
 
+    def finish_estimate(self, mem: Any) -> None:
+        from .estimate import offload_finish
+
+        offload_finish(mem, self.config)
+
     def patch_model(self, model: Any) -> PatchHandle:
         import torch
 

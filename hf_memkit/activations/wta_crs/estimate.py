@@ -35,6 +35,14 @@ def wta_crs_activation_delta(mem: Any, cfg: Any) -> tuple[int, str]:
             others = [m for m in members if m not in sampled and _needs_input(mem, pre + m)]
             if group != "self_attn.o_proj" and not others:
                 delta -= width[group] * d * T
+    # a sampled Linear computing with a weight view (AST, CAST): the kernel keeps the view tensor for backward
+    delta += sum(b for m, b in mem.linear_views.items() if hit(m) and _trains(mem, m))
+    for module, fan_in, r, dropout in mem.adapter_branches:  # the adapter's Linears under a targeted module train
+        if not hit(module):
+            continue
+        if dropout:  # A's input is dropout's output, a tensor of its own: k rows of it stay
+            delta += rows * (fan_in * d + 8) - fan_in * d * T
+        delta += rows * (r * d + 8) - r * d * T  # B's input (A's output)
     if hit("lm_head") and _trains(mem, "lm_head"):
         delta += rows * (k["h"] * d + 8) - k["h"] * d * T
     return delta, f"k={rows} of {T} token rows saved by the sampled Linear layers"

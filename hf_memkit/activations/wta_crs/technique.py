@@ -3,7 +3,6 @@ state dict and hooks untouched); the sampling RNG is torch's global generator, w
 
 from __future__ import annotations
 
-import types
 from typing import Any, ClassVar
 
 from ...errors import IncompatibleModelError
@@ -14,13 +13,15 @@ KEY = "activations.wta_crs"
 
 
 def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+    """``target`` is a module-name component: ``o_proj`` matches ``...self_attn.o_proj`` and, inside a PEFT model,
+    the adapter's Linears under it (``...o_proj.lora_A.default``: the ones that train)."""
+    return name == target or name.endswith("." + target) or f".{target}." in f".{name}."
 
 
 def find_targets(model: Any, targets: list[str]) -> dict[str, Any]:
     import torch
 
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}  # not subclasses: bnb 4-bit layers
     found = {n: m for n, m in linears.items() if any(_matches(n, t) for t in targets)}
     missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
     if missing:
@@ -39,6 +40,11 @@ class WtaCrsTechnique(Technique):
     summary: ClassVar[str] = ("WTA-CRS: Linear weight gradients from k sampled token rows (winners kept), only "
                               "those rows saved; forward and input gradient exact")
     reference: ClassVar[str] = "Liu et al. 2023; zirui-ray-liu/WTACRS"
+    patches: ClassVar[dict[str, str]] = {"linear.kernel": "the targeted nn.Linear layers (sampled rows saved)"}
+    composes: ClassVar[dict[str, str]] = {
+        "sparse_update": "WTA-CRS leaves the Linears sparse update owns: their forward saves only the selected "
+                         "input channels already",
+    }
     conflicts: ClassVar[dict[str, str]] = {
         "mesa": "both replace what Linear layers save for backward; use one of them",
     }
@@ -50,30 +56,31 @@ class WtaCrsTechnique(Technique):
         mem.add("activations", delta, self.name, note)
 
     def patch_model(self, model: Any) -> PatchHandle:
+        from ...integrations.patching import Patches, parts_of
+
         cfg = self.config
         targets = find_targets(model, cfg.targets)
+        patches = Patches(self.name, model)
         for m in targets.values():
-            # bound as a method with its state on the module: a deep copy of the model (a distillation teacher)
-            # rebinds both to the copy, where a closure would keep computing with this module's weights
-            m._memkit_wta_crs = (m.forward, cfg.ratio, cfg.min_k, cfg.winners)
-            m.forward = types.MethodType(_wta_crs_forward, m)
+            if "forward" in parts_of(m):
+                continue  # sparse update's sliced Linears: their forward saves only the selected channels
+            # the kernel part of the Linear (what it saves for backward): composes with a weight view
+            patches.linear_kernel(m, _wta_crs_kernel, cfg.ratio, cfg.min_k, cfg.winners)
 
         def undo():
-            for m in targets.values():
-                for attr in ("forward", "_memkit_wta_crs"):
-                    if attr in vars(m):
-                        delattr(m, attr)
+            patches.remove()
             return model
 
         return PatchHandle(model, undo)
 
 
-def _wta_crs_forward(self: Any, x: Any) -> Any:
+def _wta_crs_kernel(self: Any, x: Any, weight: Any, bias: Any) -> Any:
     import torch
 
+    from ...integrations.patching import part_state
     from .function import WtaCrsLinear
 
-    orig, ratio, min_k, winners = self._memkit_wta_crs
-    if torch.is_grad_enabled() and self.weight.requires_grad:
-        return WtaCrsLinear.apply(x, self.weight, self.bias, ratio, min_k, winners)
-    return orig(x)
+    ratio, min_k, winners = part_state(self, "linear.kernel")
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return WtaCrsLinear.apply(x, weight, bias, ratio, min_k, winners)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -30,6 +30,7 @@ def estimate_lora(mem: Any, fields: dict, dropout: float) -> None:
         if ".lora_A." in name:
             r, fan_in = shape
             module = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+            mem.adapter_branches.append((module, fan_in, r, dropout > 0))
             if dropout > 0:  # dropout keeps its output and its mask, both in the input's dtype
                 branch += 2 * mem.dtype_bytes * fan_in
             else:

@@ -30,7 +30,7 @@ def to_quantized_model(peft_model: Any) -> Any:
 
 
 def export_lorc(model: Any, out_dir: str, *, tokenizer: Any = None, model_card: bool = False) -> str:
-    from ...integrations.export import _MARK, export_compressed_tensors
+    from ...export.checkpoint import _MARK, export_compressed_tensors
 
     out = export_compressed_tensors(to_quantized_model(model), out_dir, tokenizer=tokenizer, model_card=model_card)
     import os

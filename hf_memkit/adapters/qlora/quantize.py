@@ -15,6 +15,8 @@ import tempfile
 import weakref
 from typing import Any
 
+from ...integrations.patching import swap_module
+
 
 def _parent(model: Any, name: str):
     parent_name, _, child = name.rpartition(".")
@@ -64,7 +66,7 @@ def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, c
         if m.bias is not None:
             q.bias = torch.nn.Parameter(m.bias.data.clone(), requires_grad=m.bias.requires_grad)
         parent, child = _parent(model, n)
-        setattr(parent, child, q)
+        swap_module(parent, child, q, "qlora")
         # the original module keeps its identity (hooks, attributes) but lets go of its storage
         m.weight.data = torch.empty(0, dtype=m.weight.dtype, device=m.weight.device)
         # weights mapped from the model's file: the pages just read (snapshot, quantization) go back to the kernel
@@ -102,5 +104,5 @@ def restore_linears_(model: Any, originals: dict[str, Any], path: str) -> None:
         if m.bias is not None:
             m.bias.data = saved["bias"].to(m.bias.device)
         parent, child = _parent(model, n)
-        setattr(parent, child, m)
+        swap_module(parent, child, m, "qlora")
     _unlink(path)

@@ -36,6 +36,7 @@ class CCETechnique(Technique):
         "zero3": _SHARDED_HEAD,
         "fsdp": _SHARDED_HEAD,
     }
+    patches: ClassVar[dict[str, str]] = {"causal_lm.forward": "the *ForCausalLM forward (loss from hidden states)"}
     conflicts: ClassVar[dict[str, str]] = {
         "training_args:label_smoothing_factor": "label smoothing is applied by the Trainer to materialised logits, "
         "which loss.cce never builds",

@@ -21,6 +21,8 @@ class FiraTechnique(OptimizerTechnique):
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero1", "zero2", "zero3", "fsdp")}
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
+        "sparse_update": "Fira projects the gradients of whole trainable Linear weights; a sparse update freezes "
+                         "them and trains column slices",
     }
 
     def create_optimizer(self, model: Any, args: Any):

@@ -35,11 +35,19 @@ class SSTTechnique(OptimizerTechnique):
         "every `interval` steps a re-SVD that rewrites each layer's Σ, U and V together and resets their moments, "
         "and new pairs drawn) that must run once after every parameter stepped, not per parameter in backward"
     )
+    replaces_modules: ClassVar[bool] = True
+    patches: ClassVar[dict[str, str]] = {"linear.module": "the targeted nn.Linear layers (spectral factors)"}
     conflicts: ClassVar[dict[str, str]] = {
         **OptimizerTechnique.conflicts,
         "slot:adapter": "SST re-parameterises the base Linear layers, which an adapter freezes and wraps",
         "slot:compress": "compression expects nn.Linear layers; train with SST, save (the checkpoint is a plain "
                          "model), then compress that checkpoint in a second recipe",
+        "lisa": "SST's optimizer holds the spectral factors it creates, not the layer parameters LISA switches "
+                "on and off",
+        "sparse_update": "both decide which parameters of the Linear layers train (spectral pairs or column "
+                         "slices); use one of them",
+        "wta_crs": "WTA-CRS samples the weight gradient of nn.Linear layers; SST replaces them by spectral "
+                   "factors (not nn.Linear)",
     }
 
     def __init__(self, config: SSTConfig | None = None):
@@ -119,6 +127,7 @@ class SSTTechnique(OptimizerTechnique):
             mem.add_param(f"{module}.u_active", (m, r), trainable=True, category="weights")
             mem.add_param(f"{module}.v_active", (n, r), trainable=True, category="weights")
             mem.needs_input.add(module)
+            mem.replaced_linears.add(module)
         mem.add("optimizer_states", sum(8 * p.numel for p in mem.trainable()), self.name,
                 "2 fp32 moments for Σ, the active pairs and the AdamW parameters")
 

@@ -9,7 +9,6 @@ dtype. ``remove()`` restores each tensor's original dtype and the modules' forwa
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,19 +53,12 @@ def _set_dtype_(p: torch.Tensor, dtype: torch.dtype) -> None:
         p.grad = grad.to(dtype)
 
 
-def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear16(x, self.weight, self.bias)
+def _linear_kernel(self: nn.Linear, x: torch.Tensor, weight: torch.Tensor, bias: Any) -> torch.Tensor:
+    return linear16(x, weight, bias)
 
 
 def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     return embedding16(ids, self.weight, self.padding_idx)
-
-
-def _bind(m: nn.Module, fn: Callable) -> None:
-    """An instance ``forward`` bound as a method: ``copy.deepcopy`` of the model (structured pruning's working
-    copy, a distillation teacher) rebinds it to the copied module, where a closure would keep computing with the
-    original module's weights."""
-    m.forward = types.MethodType(fn, m)
 
 
 class StoragePatch:
@@ -74,6 +66,9 @@ class StoragePatch:
         self.model, self.dtype, self.skip = model, dtype, list(skip)
         self.converted: list[Converted] = []
         self.forwards: list[nn.Module] = []
+        from ...integrations.patching import Patches
+
+        self.patches = Patches("bf16", model)
         self.report = StorageReport()
         self._kernels: Callable[[], None] | None = None
 
@@ -87,10 +82,10 @@ class StoragePatch:
             stored = self._store_weights({**embeddings, **linears})
             self._widen_the_rest(stored)
             for m in embeddings.values():
-                _bind(m, _embedding_forward)
+                self.patches.forward(m, _embedding_forward)
                 self.forwards.append(m)
             for m in linears.values():
-                _bind(m, _linear_forward)
+                self.patches.linear_kernel(m, _linear_kernel)
                 self.forwards.append(m)
         except Exception:
             self.remove()
@@ -150,8 +145,7 @@ class StoragePatch:
                         ", ".join(r.rounded[:3]), self.dtype)
 
     def remove(self) -> None:
-        for m in self.forwards:
-            vars(m).pop("forward", None)
+        self.patches.remove()
         self.forwards = []
         for c in reversed(self.converted):
             if c.owner is not None:

@@ -27,6 +27,8 @@ class Bf16Technique(Technique):
     summary: ClassVar[str] = ("Linear/Embedding weights stored in bf16 (2 bytes), fp32 compute, updates written "
                               "back with stochastic rounding or Kahan compensation")
     reference: ClassVar[str] = "Zamirai et al. 2020 (Revisiting BFloat16 Training); torchao, optimi"
+    patches: ClassVar[dict[str, str]] = {"linear.kernel": "nn.Linear layers (16-bit weights, fp32 compute)",
+                                         "embedding.forward": "nn.Embedding layers (16-bit weights)"}
     conflicts: ClassVar[dict[str, str]] = {
         "mesa": "Mesa " + _OWN_FORWARD,
         "wta_crs": "WTA-CRS " + _OWN_FORWARD,

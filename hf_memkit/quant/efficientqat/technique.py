@@ -30,11 +30,21 @@ class BlockAPTechnique(CompressTechnique):
 
 class E2EQPTechnique(CompressTechnique):
     name: ClassVar[str] = "e2e_qp"
+    patches: ClassVar[dict[str, str]] = {"linear.module": "the quantized nn.Linear layers (QuantLinear, scales train)"}
     config_cls = E2EQPConfig
     role: ClassVar[str] = TRAINER
     summary: ClassVar[str] = "EfficientQAT E2E-QP: the Trainer run trains only the scales of the frozen quantized model"
     reference: ClassVar[str] = "Chen et al. 2024, EfficientQAT (arXiv 2407.11062); OpenGVLab/EfficientQAT"
-    conflicts: ClassVar[dict[str, str]] = {"slot:adapter": ADAPTER_CONFLICT}
+    conflicts: ClassVar[dict[str, str]] = {
+        "slot:adapter": ADAPTER_CONFLICT,
+        "lisa": "e2e_qp trains only the quantization step sizes of every layer; LISA switches whole layers' "
+                "parameters on and off, which the quantized layers no longer have",
+        "sparse_update": "e2e_qp freezes the quantized weights and trains their step sizes; a sparse update trains "
+                         "column slices of float weights that are no longer there",
+        "wta_crs": "WTA-CRS samples the weight gradient of nn.Linear layers; e2e_qp's quantized layers train only "
+                   "their step sizes",
+        "fira": "Fira projects the gradients of trainable nn.Linear weights; e2e_qp trains only step sizes",
+    }
 
     def validate(self, ctx: ValidationContext) -> None:
         super().validate(ctx)
@@ -62,6 +72,7 @@ class E2EQPTechnique(CompressTechnique):
             module = p.name.rpartition(".")[0]
             mem.add_param(module + ".weight_scale", (out, spec.num_groups(cols)), trainable=True, category="weights")
             mem.needs_input.add(module)
+            mem.replaced_linears.add(module)
 
     def patch_model(self, model: Any) -> PatchHandle:
         import torch
@@ -112,5 +123,7 @@ class E2EQPTechnique(CompressTechnique):
 
 
 def _set_module(model: Any, name: str, module: Any) -> None:
+    from ...integrations.patching import swap_module
+
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    swap_module(model.get_submodule(parent_name) if parent_name else model, child, module, "e2e_qp")

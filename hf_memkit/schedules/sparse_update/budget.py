@@ -81,11 +81,12 @@ def measure_contributions(model: Any, batches: list[dict[str, Any]], modules: di
             p.grad = None
         return hook
 
-    saved_forwards = {n: vars(m).pop("forward", None) for n, m in modules.items()}
+    from ...integrations.patching import suspended
+
     was_training = model.training
     params = [m.weight for m in modules.values()] + list(bias_params.values())
     try:
-        with _only_trainable(model, params), torch.random.fork_rng(devices=[]):
+        with suspended(modules.values()), _only_trainable(model, params), torch.random.fork_rng(devices=[]):
             for n, m in modules.items():
                 hooks.append(m.weight.register_post_accumulate_grad_hook(weight_hook(n)))
             for n, p in bias_params.items():
@@ -98,9 +99,6 @@ def measure_contributions(model: Any, batches: list[dict[str, Any]], modules: di
     finally:
         for h in hooks:
             h.remove()
-        for n, fwd in saved_forwards.items():
-            if fwd is not None:
-                modules[n].forward = fwd
         model.train(was_training)
     for n, m in modules.items():
         if channel[n] is None:

@@ -119,8 +119,6 @@ class LinearPatch:
         self.module = module
         self.quantized = quantized
         w = module.weight
-        self._had_forward = "forward" in vars(module)
-        self._old_forward = vars(module).get("forward")
         if quantized:
             q, s = quantize_per_channel(w)
             module.register_buffer(QWEIGHT, q, persistent=False)
@@ -132,7 +130,9 @@ class LinearPatch:
         module.register_parameter(SLICE, torch.nn.Parameter(torch.zeros(w.shape[0], 0, dtype=slice_dtype,
                                                                          device=w.device)))
         module._sparse_update_qas = qas
-        module.forward = _forward.__get__(module)
+        from ...integrations.patching import Part, claim
+
+        claim(module, "forward", Part("sparse_update", fn=_forward))  # the patching layer: refuses a second owner
         # plain functions: torch tags hooks with attributes, which bound methods do not take
         self._hooks = [module.register_state_dict_post_hook(lambda *a: self._save_hook(*a)),
                        module.register_load_state_dict_pre_hook(lambda *a: self._load_hook(*a))]
@@ -209,9 +209,9 @@ class LinearPatch:
             if name in m._buffers:
                 del m._buffers[name]
         del m._sparse_update_qas
-        del m.forward
-        if self._had_forward:
-            m.forward = self._old_forward
+        from ...integrations.patching import unclaim
+
+        unclaim(m, "forward", "sparse_update")
 
     # state dict ---------------------------------------------------------------------------------------------
     def _save_hook(self, module, state_dict, prefix, local_metadata):

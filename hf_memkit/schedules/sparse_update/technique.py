@@ -54,10 +54,15 @@ class SparseUpdateTechnique(Technique):
         "fsdp": _FLAT,
         "co2": "CO2 averages whole parameters; the channel slices train separate tensors swapped in and out",
     }
+    patches: ClassVar[dict[str, str]] = {"linear.forward": "the updated nn.Linear layers (a trainable column slice)"}
     conflicts: ClassVar[dict[str, str]] = {
         "slot:adapter": "an adapter freezes the base model and trains its own tensors; a sparse update chooses "
         "which base parameters train — use one of them",
         "lisa": "both decide which parameters train",
+        "ast": "2:4 sparse training computes its Linears with the masked whole weight, which would drop the "
+               "trained column slice from the forward (and trains the weights sparse update freezes)",
+        "cast": "2:4 sparse training computes its Linears with the scaled whole weight, which would drop the "
+                "trained column slice from the forward (and trains the weights sparse update freezes)",
     }
 
     def __init__(self, config: SparseUpdateConfig | None = None):

@@ -210,7 +210,7 @@ def test_bad_input_gives_typed_errors(tiny_model):
 
 
 def test_safetensors_export_keeps_the_adapter(tiny_model, tmp_path):
-    from hf_memkit.integrations.export import export_safetensors
+    from hf_memkit.export.checkpoint import export_safetensors
 
     pm = _peft(tiny_model)
     export_safetensors(pm, str(tmp_path / "export"), merge_adapters=True)

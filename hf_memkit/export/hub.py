@@ -143,7 +143,7 @@ def _ppl(x: float | None) -> str:
 
 
 def model_card(info: dict[str, Any]) -> str:
-    """A README.md for an exported folder, from the dict :func:`hf_memkit.integrations.export.export_model`
+    """A README.md for an exported folder, from the dict :func:`hf_memkit.export.checkpoint.export_model`
     gathers (recipe, techniques and versions, grids, measured perplexity and size)."""
     lines = ["---", "library_name: transformers", "tags:", "- hf_memkit"]
     if info.get("format") == "compressed-tensors":

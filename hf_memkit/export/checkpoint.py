@@ -287,7 +287,7 @@ def _write_sparse(model: Any, out_dir: str, *, layout: str = "dense", recipe: An
     from .. import __version__
     from .hub import folder_bytes, write_card
     from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
-    from .sparse_export import write_sparse_checkpoint
+    from .sparse import write_sparse_checkpoint
 
     layout = getattr(getattr(recipe, "export", None), "sparse_layout", None) or layout
     written = write_sparse_checkpoint(model, out_dir, layout=layout)

@@ -1,0 +1,76 @@
+"""Import boundaries: ``integrations/`` (the layer over transformers/PEFT) imports no technique package, and no
+technique package imports another's internals. The edges that exist today are listed in ``KNOWN`` as debt (the
+compression and export code that still lives inside ``quant``/``prune``/``integrations``, see docs/DESIGN.md);
+a new edge fails, and so does a listed edge that is gone (delete it from the list)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "hf_memkit"
+TECHNIQUE_PACKAGES = {"activations", "adapters", "losses", "optim", "prune", "quant", "schedules", "precision",
+                      "guards", "distributed"}
+
+KNOWN = {
+    "activations/offload/technique.py -> schedules",
+    "adapters/lorc/estimate.py -> quant",
+    "adapters/lorc/export.py -> quant",
+    "adapters/lorc/layers.py -> quant",
+    "adapters/lorc/peft_config.py -> quant",
+    "adapters/lorc/technique.py -> quant",
+    "adapters/lorc/tuner.py -> quant",
+    "integrations/callback.py -> quant",
+    "integrations/structured.py -> quant",
+    "integrations/trainer.py -> distributed",
+    "integrations/trainer.py -> quant",
+    "optim/release/wiring.py -> distributed",
+    "precision/bf16/optimizer.py -> optim",
+    "prune/activations.py -> quant",
+    "prune/ast/optimizer.py -> optim",
+    "prune/base.py -> quant",
+    "prune/cast/optimizer.py -> optim",
+    "prune/comp/structured.py -> quant",
+    "prune/masked_optimizer.py -> optim",
+    "prune/pipeline.py -> quant",
+    "prune/sparse_training.py -> optim",
+    "prune/sparse_training.py -> quant",
+    "prune/targets.py -> quant",
+    "quant/base.py -> prune",
+    "quant/oneshot.py -> prune",
+}
+
+
+def _edges() -> set[str]:
+    found = set()
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT).parts
+        if len(rel) < 2:
+            continue
+        pkg = rel[0]
+        if pkg != "integrations" and pkg not in TECHNIQUE_PACKAGES:
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = list(rel[:-1])[: len(rel) - node.level] if node.level > 1 else list(rel[:-1])
+                full = base + (node.module.split(".") if node.module else [])
+            elif (node.module or "").startswith("hf_memkit."):
+                full = node.module.split(".")[1:]
+            else:
+                continue
+            if full and full[0] in TECHNIQUE_PACKAGES and full[0] != pkg:
+                found.add(f"{'/'.join(rel)} -> {full[0]}")
+    return found
+
+
+def test_no_new_cross_package_imports():
+    new = sorted(_edges() - KNOWN)
+    assert not new, ("new imports across technique packages (or from integrations/ into one): "
+                     f"{new}; put shared code in a neutral module (integrations/patching.py, memory/, recipe.py)")
+
+
+def test_the_known_edges_are_still_there():
+    gone = sorted(KNOWN - _edges())
+    assert not gone, f"these listed imports are gone; delete them from KNOWN: {gone}"
