@@ -177,3 +177,15 @@ def test_sparse_update_with_2_4_sparse_training_is_refused():
     for opt in ("ast", "cast"):
         with pytest.raises(RecipeError, match=f"'sparse_update' cannot be combined with '{opt}'"):
             load_recipe({"memkit": 1, "schedule": [{"sparse_update": {}}], "optimizer": {opt: {}}})
+
+
+def test_e2e_qp_before_its_quantizer_is_refused_with_the_order_fix():
+    """Regression: accepted before; at the first train step e2e_qp then said 'gptq left no quantized Linear layer
+    to train; check its skip_modules' (gptq had not run yet)."""
+    from hf_memkit import load_recipe
+    from hf_memkit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="gptq must come before it") as err:
+        load_recipe({"memkit": 1, "compress": [{"e2e_qp": {}}, {"gptq": {}}]})
+    assert "list gptq before e2e_qp" in str(err.value)
+    load_recipe({"memkit": 1, "compress": [{"gptq": {}}, {"e2e_qp": {}}]})
