@@ -215,7 +215,7 @@ def _write_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, t
     from ..quant.linear import quantized_modules
     from .compressed_tensors import write_checkpoint
     from .hub import folder_bytes, write_card
-    from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
+    from .lorc_adapter import ADAPTER_DIR
 
     if sparse_modules(model):  # 2:4 (with or without int4): sparsity_config + the sparse layout
         return _write_sparse(model, out_dir, layout=layout, recipe=recipe, tokenizer=tokenizer, metrics=metrics,
@@ -224,14 +224,8 @@ def _write_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, t
         return _write_structured(model, out_dir, tokenizer=tokenizer)
     written = write_checkpoint(model, out_dir)
     pause_point("export:weights")
-    lorc = write_lorc_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    metrics = dict(metrics or {})
-    metrics.setdefault("bytes_full_precision", dense_bytes(model))
-    metrics["bytes_on_disk"] = folder_bytes(out_dir) - folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
+    lorc, metrics = _side_files(model, out_dir, tokenizer, metrics)
     if lorc is not None:
-        lorc["subfolder"] = ADAPTER_DIR
         lorc["bytes_on_disk"] = folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
     if model_card:
         if "perplexity" not in metrics and tokenizer is not None:
@@ -285,20 +279,12 @@ def _write_sparse(model: Any, out_dir: str, *, layout: str = "dense", recipe: An
     import compressed_tensors
 
     from .. import __version__
-    from .hub import folder_bytes, write_card
-    from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
+    from .hub import write_card
     from .sparse import write_sparse_checkpoint
 
     layout = getattr(getattr(recipe, "export", None), "sparse_layout", None) or layout
     written = write_sparse_checkpoint(model, out_dir, layout=layout)
-    side = write_lorc_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    metrics = dict(metrics or {})
-    metrics.setdefault("bytes_full_precision", dense_bytes(model))
-    metrics["bytes_on_disk"] = folder_bytes(out_dir) - folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
-    if side is not None:
-        side["subfolder"] = ADAPTER_DIR
+    side, metrics = _side_files(model, out_dir, tokenizer, metrics)
     if model_card:
         info = card_info(model, recipe, "compressed-tensors", metrics, written, side)
         info["summary"] = ", ".join(written.get("groups", {})) or "2:4 sparse"
@@ -407,3 +393,19 @@ def check_export_dir(path: str, *, repo_id: str | None = None) -> tuple[str, dic
         info["repo_id"] = repo_id
     write_card(folder, info)
     return folder, info
+
+
+def _side_files(model: Any, out_dir: str, tokenizer: Any, metrics: dict | None) -> tuple[dict | None, dict]:
+    """Beside the weights: the LoRC side adapter (if any) and the tokenizer; the size metrics of the folder."""
+    from .hub import folder_bytes
+    from .lorc_adapter import ADAPTER_DIR, write_lorc_adapter
+
+    side = write_lorc_adapter(model, os.path.join(out_dir, ADAPTER_DIR))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    metrics = dict(metrics or {})
+    metrics.setdefault("bytes_full_precision", dense_bytes(model))
+    metrics["bytes_on_disk"] = folder_bytes(out_dir) - folder_bytes(os.path.join(out_dir, ADAPTER_DIR))
+    if side is not None:
+        side["subfolder"] = ADAPTER_DIR
+    return side, metrics
