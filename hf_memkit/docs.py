@@ -83,18 +83,12 @@ def _accepts(d: dict) -> bool:
     return True
 
 
-def pair_recipe(a, b) -> dict | None:
-    """The recipe of two registry entries the loader accepts (for a list slot, in the order that loads), or None."""
-    for d in (_recipe((a, b)), _recipe((b, a))):
-        if d is not None and _accepts(d):
-            return d
-    return None
-
-
-def classify_pairs() -> dict[tuple[str, str], tuple[str, str]]:
-    """Every pair of built-in techniques (``slot.name`` keys, registry order) -> (verdict, reason): ``ok``
-    (the recipe loader accepts it; the composition matrix trains it), ``composes`` (accepted; the two patch the
-    same modules in a declared order, reason = how), ``refused`` (reason = the loader's), or ``same_slot``."""
+def classify_pairs() -> dict[tuple[str, str], tuple[str, str, dict | None]]:
+    """Every pair of built-in techniques (``slot.name`` keys, registry order) -> (verdict, reason, recipe):
+    ``ok`` (the recipe loader accepts it; the composition matrix trains it), ``composes`` (accepted; the two patch
+    the same modules in a declared order, reason = how), ``refused`` (reason = the loader's), ``engine`` (refused:
+    a distributed engine the other does not run under) or ``same_slot``. ``recipe`` is the one that loads (for a
+    list slot, in the order that loads), None for the others."""
     import itertools
 
     from . import registry
@@ -107,23 +101,22 @@ def classify_pairs() -> dict[tuple[str, str], tuple[str, str]]:
         k = (f"{a.slot}.{a.name}", f"{b.slot}.{b.name}")
         d = _recipe((a, b))
         if d is None:
-            out[k] = ("same_slot", f"one technique per `{a.slot}:` slot")
+            out[k] = ("same_slot", f"one technique per `{a.slot}:` slot", None)
             continue
         try:
             load_recipe(d)
         except RecipeError as exc:
-            if a.slot == b.slot and _accepts(_recipe((b, a))):  # a list slot where order matters
-                how = a.technique_cls.composes.get(b.name) or b.technique_cls.composes.get(a.name)
-                out[k] = ("composes", how) if how else ("ok", "")
+            swapped = _recipe((b, a)) if a.slot == b.slot else None
+            if swapped is None or not _accepts(swapped):  # a list slot where order matters loads swapped
+                reason = re.sub(r"^<dict>: at '[^']*': ", "", str(exc).splitlines()[0])
+                if re.match(r"^\S+ does not support ", reason):
+                    out[k] = ("engine", "the engine table below", None)
+                else:
+                    out[k] = ("refused", re.sub(r"^'[^']*' cannot be combined with '[^']*': ", "", reason), None)
                 continue
-            reason = re.sub(r"^<dict>: at '[^']*': ", "", str(exc).splitlines()[0])
-            if re.match(r"^\S+ does not support ", reason):
-                out[k] = ("engine", "the engine table below")
-                continue
-            out[k] = ("refused", re.sub(r"^'[^']*' cannot be combined with '[^']*': ", "", reason))
-            continue
+            d = swapped
         how = a.technique_cls.composes.get(b.name) or b.technique_cls.composes.get(a.name)
-        out[k] = ("composes", how) if how else ("ok", "")
+        out[k] = ("composes", how, d) if how else ("ok", "", d)
     return out
 
 
@@ -146,7 +139,7 @@ def pair_table() -> str:
             if i == j:
                 cells.append("")
                 continue
-            verdict, why = pairs[(a, b) if i < j else (b, a)]
+            verdict, why, _ = pairs[(a, b) if i < j else (b, a)]
             if verdict == "ok":
                 cells.append("✓")
             elif verdict == "same_slot":

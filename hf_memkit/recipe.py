@@ -653,11 +653,11 @@ def check_patch_overlaps(recipe: Recipe) -> None:
             cb = registry.get(b.name, b.slot).technique_cls
             hits = overlap(ca.patches, cb.patches)
             if hits and b.name not in ca.composes and a.name not in cb.composes:
-                where = hits[0].split(" / ")[0]
+                sa, _, sb = hits[0].partition(" / ")
+                sb = sb or sa
                 raise RecipeError(
-                    f"{a.name!r} and {b.name!r} would both patch {SURFACES.get(where, where)} "
-                    f"({a.name}: {ca.patches.get(where) or next(iter(ca.patches.values()))}; "
-                    f"{b.name}: {cb.patches.get(where) or next(iter(cb.patches.values()))}), and no composition "
+                    f"{a.name!r} and {b.name!r} would both patch {SURFACES.get(sa, sa)} "
+                    f"({a.name}: {ca.patches[sa]}; {b.name}: {cb.patches[sb]}), and no composition "
                     f"of the two is declared",
                     path=recipe.source, key=f"{b.slot}.{b.name}",
                     fix=f"remove one of {a.name!r} and {b.name!r}")

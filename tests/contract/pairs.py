@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import functools
 
-from hf_memkit import registry
-from hf_memkit.docs import classify_pairs, pair_recipe
+from hf_memkit.docs import classify_pairs
 
 
 @functools.lru_cache(maxsize=None)
 def classified() -> tuple[list, list]:
     """(accepted, refused): accepted holds (key, recipe) for every pair the loader takes, refused holds
     (key, reason) for every pair it refuses (same-slot pairs of one-technique slots are neither)."""
-    entries = {f"{e.slot}.{e.name}": e for e in registry.entries() if e.origin == "builtin"}
     accepted, refused = [], []
-    for (a, b), (verdict, why) in classify_pairs().items():
+    for (a, b), (verdict, why, recipe) in classify_pairs().items():
         if verdict in ("ok", "composes"):
-            accepted.append((f"{a}+{b}", pair_recipe(entries[a], entries[b])))
+            accepted.append((f"{a}+{b}", recipe))
         elif verdict in ("refused", "engine"):
             refused.append((f"{a}+{b}", why))
     return accepted, refused
