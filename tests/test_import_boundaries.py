@@ -13,7 +13,6 @@ TECHNIQUE_PACKAGES = {"activations", "adapters", "losses", "optim", "prune", "qu
                       "guards", "distributed"}
 
 KNOWN = {
-    "activations/offload/technique.py -> schedules",
     "adapters/lorc/estimate.py -> quant",
     "adapters/lorc/export.py -> quant",
     "adapters/lorc/layers.py -> quant",
@@ -21,7 +20,6 @@ KNOWN = {
     "adapters/lorc/technique.py -> quant",
     "adapters/lorc/tuner.py -> quant",
     "integrations/callback.py -> quant",
-    "integrations/structured.py -> quant",
     "integrations/trainer.py -> distributed",
     "integrations/trainer.py -> quant",
     "optim/release/wiring.py -> distributed",

@@ -18,15 +18,16 @@ MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"),)
 
 
 def decoder_layers(model: Any, key: str) -> tuple[str, Any]:
-    from ..quant.layerwise import find_blocks
+    from .anatomy import anatomy
 
     try:
-        prefix, blocks = find_blocks(model, key)
+        layers = anatomy(model, key=key).layers
     except IncompatibleModelError:
         raise IncompatibleModelError(
             f"{key}: {type(model).__name__} has no list of decoder layers, so there are no layers to drop and no "
             "MLP to shrink; structured pruning needs a decoder-only *ForCausalLM (Llama, Mistral, Qwen, SmolLM)"
         ) from None
+    prefix, blocks = layers.path, layers.modules
     config = getattr(model, "config", None)
     if config is None or getattr(config, "num_hidden_layers", None) != len(blocks):
         raise IncompatibleModelError(

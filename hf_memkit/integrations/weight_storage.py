@@ -37,7 +37,9 @@ def adapter_module_ids(model: Any) -> set[int]:
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
+    from .anatomy import name_matches
+
+    return name_matches(name, skip)
 
 
 def storage_targets(model: Any, skip: list[str]) -> tuple[dict[str, nn.Linear], dict[str, nn.Embedding], list[str]]:

@@ -117,9 +117,11 @@ class MemoryEstimate:
     def params_of_linears(self, skip: list[str] = ()) -> list[ParamInfo]:
         import torch
 
+        from ..integrations.anatomy import name_matches
+
         out = []
         for n, m in self.model.named_modules():
-            if type(m) is torch.nn.Linear and not any(n == s or n.endswith("." + s) for s in skip):
+            if type(m) is torch.nn.Linear and not name_matches(n, skip):
                 key = n + ".weight"
                 if key in self.params:
                     out.append(self.params[key])

@@ -3,9 +3,8 @@
 A pass that needs activations (GPTQ, Block-AP) never runs the whole model on the calibration set more than once:
 it records block 0's inputs (hidden states plus the keyword arguments the model passes every block: attention
 mask, rotary embeddings, positions), then for each block runs it alone, so the working memory beyond the model
-is the calibration hidden states plus one block's statistics. Model families differ in what the blocks are
-called; the blocks are found generically as the longest ``nn.ModuleList`` of identical modules that contain
-``nn.Linear`` layers (``model.layers`` for Llama/Mistral/Qwen, ``transformer.h`` for others).
+is the calibration hidden states plus one block's statistics. The blocks are found by the one model
+anatomy (:mod:`hf_memkit.integrations.anatomy`).
 """
 
 from __future__ import annotations
@@ -25,25 +24,18 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after block 0 needs to run."""
 
 
-def find_blocks(model: Any, key: str = "compress") -> tuple[str, Any]:
-    import torch
+def find_blocks(model: Any, key: str = "compress") -> tuple[str, list[Any]]:
+    """``(dotted path, blocks)`` of the decoder layers, from the one model anatomy."""
+    from ..integrations.anatomy import anatomy
 
-    best: tuple[str, Any] | None = None
-    for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.ModuleList) or len(m) == 0:
-            continue
-        if not all(type(c) is type(m[0]) for c in m):
-            continue
-        if not any(isinstance(x, torch.nn.Linear) for x in m[0].modules()):
-            continue
-        if best is None or len(m) > len(best[1]):
-            best = (name, m)
-    if best is None:
+    try:
+        layers = anatomy(model, key=key).layers
+    except IncompatibleModelError as e:
         raise IncompatibleModelError(
-            f"{key}: {type(model).__name__} has no list of decoder blocks containing Linear layers, which the "
-            "calibrated passes (gptq, block_ap) walk one at a time; use rtn, which needs no calibration"
-        )
-    return best
+            f"{e}. The calibrated passes (gptq, block_ap) walk the decoder blocks one at a time; rtn needs no "
+            "calibration and no blocks"
+        ) from None
+    return layers.path, layers.modules
 
 
 @dataclass

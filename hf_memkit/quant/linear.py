@@ -30,8 +30,10 @@ LORC_BUFFERS = ("lorc_A", "lorc_B")
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
-    """``name`` equals a pattern or ends with ``.pattern`` (the qlora ``skip_modules`` convention)."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    """``name`` equals a pattern or ends with ``.pattern`` (PEFT's list rule, as everywhere)."""
+    from ..integrations.anatomy import name_matches
+
+    return name_matches(name, patterns)
 
 
 def target_linears(model: Any, skip: Iterable[str] = ()) -> dict[str, Any]:

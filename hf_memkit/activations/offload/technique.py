@@ -108,7 +108,7 @@ class OffloadTechnique(Technique):
 
         handles = [model.register_forward_pre_hook(root_pre), model.register_forward_hook(root_post, always_call=True)]
         if cfg.token_fraction < 1:
-            from ...schedules.layers import find_decoder_layers
+            from ...integrations.anatomy import find_decoder_layers
 
             frames: list[Any] = []
 

@@ -21,7 +21,9 @@ def wta_crs_activation_delta(mem: Any, cfg: Any) -> tuple[int, str]:
     d, T, k = mem.dtype_bytes, mem.batch_size * mem.seq_len, dims(config)
     rows = sample_size(T, cfg.ratio, cfg.min_k)
     width = {"self_attn": k["h"], "mlp": k["h"], "mlp.down_proj": k["i"], "self_attn.o_proj": k["q"]}
-    hit = lambda name: any(name == t or name.endswith("." + t) for t in cfg.targets)  # noqa: E731
+    from ...integrations.anatomy import name_matches
+
+    hit = lambda name: name_matches(name, cfg.targets)  # noqa: E731
     delta = 0
     if mem.gradient_checkpointing:
         return 0, "checkpointed layers: sampled rows only exist while a layer is recomputed"

@@ -12,20 +12,23 @@ from .config import WtaCrsConfig
 KEY = "activations.wta_crs"
 
 
-def _matches(name: str, target: str) -> bool:
-    """``target`` is a module-name component: ``o_proj`` matches ``...self_attn.o_proj`` and, inside a PEFT model,
-    the adapter's Linears under it (``...o_proj.lora_A.default``: the ones that train)."""
-    return name == target or name.endswith("." + target) or f".{target}." in f".{name}."
-
-
 def find_targets(model: Any, targets: list[str]) -> dict[str, Any]:
-    import torch
+    """The plain ``nn.Linear`` layers each target selects, PEFT's way (a module named ``o_proj`` or ending in
+    ``.o_proj``; in a PEFT model, the adapter's Linears under it, the ones that train). Not subclasses: bnb
+    4-bit layers keep their own forward."""
+    from ...integrations.anatomy import target_linears
 
-    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}  # not subclasses: bnb 4-bit layers
-    found = {n: m for n, m in linears.items() if any(_matches(n, t) for t in targets)}
-    missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
+    found: dict[str, Any] = {}
+    missing = []
+    for t in targets:
+        try:
+            found.update(target_linears(model, [t], key=KEY, exact_type=True))
+        except IncompatibleModelError:
+            missing.append(t)
     if missing:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        import torch
+
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is torch.nn.Linear})
         raise IncompatibleModelError(
             f"{KEY}: targets {missing} match no Linear layer of {type(model).__name__}; its Linear layers are "
             f"named {', '.join(suffixes)} — fix activations.wta_crs.targets"

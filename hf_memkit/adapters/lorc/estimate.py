@@ -7,6 +7,7 @@ from typing import Any
 
 
 def estimate_lorc(mem: Any, cfg: Any) -> None:
+    from ...integrations.anatomy import peft_matches
     from ...quant.grid import QuantSpec
 
     mem.freeze_all()
@@ -17,9 +18,7 @@ def estimate_lorc(mem: Any, cfg: Any) -> None:
     skip = ["lm_head"] if cfg.target_modules == "all-linear" else []
     for p in mem.params_of_linears(skip=skip):
         module = p.name.removesuffix(".weight")
-        if cfg.target_modules != "all-linear" and not any(
-                module == t or module.endswith("." + t) for t in ([cfg.target_modules] if isinstance(
-                    cfg.target_modules, str) else cfg.target_modules)):
+        if cfg.target_modules != "all-linear" and not peft_matches(cfg.target_modules, module):
             continue
         out, fan_in = p.shape
         groups = spec.for_width(fan_in).num_groups(fan_in)

@@ -16,6 +16,7 @@ import weakref
 from typing import Any
 
 from ...integrations.patching import swap_module
+from ...integrations.anatomy import name_matches
 
 
 def _parent(model: Any, name: str):
@@ -33,7 +34,7 @@ def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, c
 
     targets = {
         n: m for n, m in model.named_modules()
-        if type(m) is torch.nn.Linear and not any(n == s or n.endswith("." + s) for s in skip)
+        if type(m) is torch.nn.Linear and not name_matches(n, skip)
     }
     if not targets:
         return {}, ""

@@ -12,7 +12,7 @@ class FiraConfig(TechniqueConfig):
     residual, scaled by the low-rank Adam's norm ratio and capped by a norm-growth limiter.
 
     ```yaml
-    optimizer: {fira: {rank: 64, update_proj_gap: 200, alpha: 0.25, target_modules: [self_attn, mlp]}}
+    optimizer: {fira: {rank: 64, update_proj_gap: 200, alpha: 0.25, target_modules: [q_proj, v_proj, up_proj, down_proj]}}
     training_args: {learning_rate: 1.0e-2, max_grad_norm: 1.0}
     ```
     Paper: Chen et al., "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?" (2024);
@@ -39,8 +39,8 @@ class FiraConfig(TechniqueConfig):
     alpha: float = Field(0.25, gt=0, description="scale of the projected-back low-rank update (GaLore's scale)")
     limiter: float = Field(1.01, ge=1, description="γ of the norm-growth limiter: ‖S_t‖ ≤ γ·‖S_t-1‖")
     target_modules: str | list[str] = Field(
-        "all-linear", description="projected Linear layers, as TrainingArguments.optim_target_modules: a regex "
-        "on full module names, a list of names/fragments/regexes, or 'all-linear' (every nn.Linear but the "
+        "all-linear", description="projected Linear layers, as in PEFT: a list of module names matched whole or "
+        "as '.'-suffixes (q_proj), a regex over whole module names, or 'all-linear' (every nn.Linear but the "
         "output head)")
     gradient_release: bool = release_field()
     release_clipping: ReleaseClipping = clipping_field()

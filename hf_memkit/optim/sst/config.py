@@ -55,8 +55,8 @@ class SSTConfig(TechniqueConfig):
         "mixed", description="sampling distribution of the pairs: mixed ½(1/k + Σ_i/ΣΣ), proportional Σ_i/ΣΣ "
         "(the abstract's 'weighted by singular-value magnitude'), or uniform; sources disagree, see the spec")
     target_modules: str | list[str] = Field(
-        "all-linear", description="factored Linear layers, as TrainingArguments.optim_target_modules "
-        "('all-linear' = every nn.Linear but the output head)")
+        "all-linear", description="factored Linear layers, as in PEFT: module names matched whole or as "
+        "'.'-suffixes, a regex over whole names, or 'all-linear' (every nn.Linear but the output head)")
     seed: int = Field(0, ge=0, description="seed of the pair sampling (its own generator; the torch RNG is untouched)")
     gradient_release: bool = release_field()
     release_clipping: ReleaseClipping = clipping_field()

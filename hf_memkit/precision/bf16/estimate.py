@@ -64,12 +64,14 @@ def converted_params(mem: Any, skip: list[str]) -> list[Any]:
     picks them on the real model)."""
     from torch import nn
 
+    from ...integrations.anatomy import name_matches
+
     out, seen = [], set()
     for name, m in mem.model.named_modules():
         kind = type(m)
         if kind is not nn.Linear and kind is not nn.Embedding:
             continue
-        if any(name == s or name.endswith("." + s) for s in skip):
+        if name_matches(name, skip):
             continue
         if kind is nn.Embedding and (m.max_norm is not None or m.scale_grad_by_freq or m.sparse):
             continue

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from ...errors import IncompatibleModelError, RecipeError
 from ...technique import PatchHandle, Technique, ValidationContext
-from ..layers import num_hidden_layers, find_decoder_layers, resolve_always_train, role_parameters
+from ...integrations.anatomy import num_hidden_layers, find_decoder_layers, resolve_always_train, role_parameters
 from ..optimizer_state import check_per_parameter_state, drop_state, optimized_parameters
 from ...memory.frozen_prefix import frozen_prefix_correction
 from .config import LisaConfig

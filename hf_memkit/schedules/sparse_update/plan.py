@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import IncompatibleModelError
-from ..layers import DecoderLayers, is_norm, parameter_names, role_parameters
+from ...integrations.anatomy import DecoderLayers, is_norm, parameter_names, role_parameters
 
 
 @dataclass

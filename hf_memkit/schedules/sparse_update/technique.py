@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from ...errors import CheckpointError, IncompatibleModelError, RecipeError
 from ...technique import PatchHandle, Technique, ValidationContext
-from ..layers import find_decoder_layers, num_hidden_layers, role_parameters
+from ...integrations.anatomy import find_decoder_layers, num_hidden_layers, role_parameters
 from ..optimizer_state import optimized_parameters
 from ...memory.frozen_prefix import frozen_prefix_correction
 from .config import SparseUpdateConfig

@@ -139,14 +139,18 @@ def test_state_size_equals_the_formula():
         assert numel == fira_state_numel(m, n, 8) == 2 * max(m, n) * 8 + min(m, n) * 8 + 1
 
 
-def test_target_modules_follow_optim_target_modules_conventions(tiny_model):
+def test_target_modules_mean_what_they_mean_in_peft(tiny_model):
     def chosen(target):
         ids = {id(p) for g in fira_param_groups(tiny_model, target) if g["fira"] for p in g["params"]}
         return {n.removesuffix(".weight") for n, p in tiny_model.named_parameters() if id(p) in ids}
 
     linears = {n for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert chosen("all-linear") == linears - {"lm_head"}
-    assert chosen(["self_attn"]) == {n for n in linears if "self_attn" in n}
+    assert chosen(["q_proj", "o_proj"]) == {n for n in linears if n.endswith(("q_proj", "o_proj"))}
+    with pytest.raises(IncompatibleModelError, match=r"not Linear layers: model\.layers\.0\.self_attn"):
+        chosen(["self_attn"])  # a container: PEFT refuses it too, the error names the Linears to list
+    with pytest.raises(IncompatibleModelError, match="selects no"):
+        chosen(["proj"])  # a fragment is not a '.'-suffix
     assert chosen(r".*\.mlp\.(up|down)_proj") == {n for n in linears if n.endswith(("up_proj", "down_proj"))}
     assert chosen(["model.layers.0.mlp.gate_proj"]) == {"model.layers.0.mlp.gate_proj"}
     with pytest.raises(IncompatibleModelError, match="target_modules"):
@@ -207,7 +211,7 @@ def test_state_bytes_on_smollm2_shaped_matrices():
 
 
 def test_config_and_technique_wiring(tiny_model, tmp_path):
-    cfg = FiraConfig(rank=4, update_proj_gap=7, alpha=0.5, target_modules=["mlp"])
+    cfg = FiraConfig(rank=4, update_proj_gap=7, alpha=0.5, target_modules=["gate_proj", "up_proj", "down_proj"])
     opt = FiraTechnique(cfg).create_optimizer(tiny_model, make_args(tmp_path, learning_rate=2e-3))
     fira_groups = [g for g in opt.param_groups if g["fira"]]
     assert sum(len(g["params"]) for g in fira_groups) == 6  # gate/up/down in 2 layers

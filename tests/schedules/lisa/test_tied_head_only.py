@@ -58,7 +58,7 @@ def test_the_tied_matrix_gets_the_head_gradient_only():
 
 
 def test_untied_model_needs_no_cut():
-    from hf_memkit.schedules.layers import find_decoder_layers
+    from hf_memkit.integrations.anatomy import find_decoder_layers
     from hf_memkit.schedules.lisa.technique import _input_side_cut
     from tests.schedules.conftest import six_layer_model
 
