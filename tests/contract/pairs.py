@@ -3,9 +3,25 @@ README's technique × technique table, so the matrix grows with the registry), a
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from hf_memkit.docs import classify_pairs
+
+#: matrix settings that let a technique's defining check bite on the 2-layer tiny model (LISA's default of two
+#: active layers would train every layer there, so "frozen layers do not move" could not fail)
+MATRIX_CONFIG = {"lisa": {"active_layers": 1}}
+
+
+def for_matrix(recipe: dict) -> dict:
+    """``recipe`` (a dict of default-config entries) with :data:`MATRIX_CONFIG` applied."""
+    recipe = copy.deepcopy(recipe)
+    for value in recipe.values():
+        for entry in value if isinstance(value, list) else [value] if isinstance(value, dict) else []:
+            for name, cfg in entry.items():
+                if name in MATRIX_CONFIG and isinstance(cfg, dict):
+                    cfg.update(MATRIX_CONFIG[name])
+    return recipe
 
 
 @functools.lru_cache(maxsize=None)
@@ -15,7 +31,7 @@ def classified() -> tuple[list, list]:
     accepted, refused = [], []
     for (a, b), (verdict, why, recipe) in classify_pairs().items():
         if verdict in ("ok", "composes"):
-            accepted.append((f"{a}+{b}", recipe))
+            accepted.append((f"{a}+{b}", for_matrix(recipe)))
         elif verdict in ("refused", "engine"):
             refused.append((f"{a}+{b}", why))
     return accepted, refused

@@ -4,7 +4,9 @@ Per pair, two Trainer runs: four uninterrupted steps (saving at step 2, tensor a
 step 2 to step 4. Checked: finite loss; something trained; the resumed run ends where the uninterrupted one did;
 the estimate is within 15% of tensor accounting per category; ``unpatch`` gives back the model object with its
 structure (adapters: bit for bit); each technique's defining check still holds inside the pair
-(:data:`INVARIANTS`). Refused pairs must carry a reason (``test_refused_pairs_say_why``)."""
+(:data:`INVARIANTS`: Mesa saves 8-bit, AST/CAST's teacher is the dense original, adapters and LISA leave frozen
+weights bit for bit, LoRC's base stays quantized). Refused pairs must carry a reason
+(``test_refused_pairs_say_why``)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from transformers import TrainerCallback
 
 from hf_memkit import MemkitTrainer
 from tests.conftest import make_args
-from tests.contract.pairs import classified
+from tests.contract.pairs import classified, for_matrix
 
 ACCEPTED, REFUSED = classified()
 IDS = torch.randint(1, 500, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -65,12 +67,61 @@ def _adapter_base_untouched(trainer, technique, dense):
         assert torch.equal(p, want[n]), f"frozen base parameter {n} moved"
 
 
+def _dense_name(name):
+    """The dense model's name for a parameter of a (possibly PEFT-wrapped) model."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _lisa_frozen_layers_do_not_move(trainer, technique, dense):
+    """The layers LISA did not activate end the run bit for bit as they started (the four steps fall inside
+    one interval, so the first draw is the only one)."""
+    from hf_memkit.integrations.anatomy import find_decoder_layers
+
+    assert technique.config.interval > 4, "the check needs one draw per run"
+    layers = find_decoder_layers(trainer.model)
+    if technique.config.active_layers >= len(layers):
+        return  # a bundled recipe's setting on the 2-layer model: nothing is frozen (pairs run with MATRIX_CONFIG)
+    frozen = set(range(len(layers))) - set(technique.active_layers or [])
+    assert frozen, "LISA activated every layer"
+    want = dict(dense.named_parameters())
+    compared = 0
+    # the weights as the last step left them: at the end of training a 2:4 technique projects every Linear, frozen
+    # ones too, to its mask (CAST also folds its scales in), which is that technique's output, not training
+    for n, p in trainer.matrix_last_step.items():
+        d = want.get(_dense_name(n))
+        if layers.layer_of.get(n) in frozen and d is not None and d.shape == p.shape:
+            assert torch.equal(p.to(d.dtype), d), f"{n} is in a frozen LISA layer and moved"
+            compared += 1
+    assert compared, "no parameter of a frozen LISA layer was compared"
+
+
+def _lorc_base_stays_quantized(trainer, technique, dense):
+    """Every LoRC layer's base is still only its integer codes (the dense storage released), and the codes
+    still are the RTN grid of the original weight: |Ŵ - W| within half a step per group."""
+    from hf_memkit.adapters.lorc.layers import LorcLinear
+    from hf_memkit.quant.grid import dequantize, expand_groups
+
+    want = dict(dense.named_parameters())
+    layers = [(n, m) for n, m in trainer.model.named_modules() if isinstance(m, LorcLinear)]
+    assert layers, "no LoRC layer in the pair"
+    for n, m in layers:
+        assert m.base_layer.weight.numel() == 0, f"{n}: a dense base weight came back"
+        assert m.lorc_codes.dtype == torch.uint8 and int(m.lorc_codes.max()) <= m.spec.maxq, n
+        if technique.config.quantizer == "rtn":
+            w = want[_dense_name(n) + ".weight"]
+            step = expand_groups(m.lorc_scale.float(), w.shape[1])
+            err = (dequantize(m.lorc_codes, m.lorc_scale, m.lorc_zero).float() - w).abs()
+            assert bool((err <= 0.52 * step + 1e-6).all()), f"{n}: the base left its quantization grid"
+
+
 INVARIANTS = {
     "mesa": _mesa_saves_8_bit,
     "ast": _teacher_is_the_dense_original,
     "cast": _teacher_is_the_dense_original,
     "lora": _adapter_base_untouched,
     "mixlora": _adapter_base_untouched,
+    "lisa": _lisa_frozen_layers_do_not_move,
+    "adapter.lorc": _lorc_base_stays_quantized,
 }
 
 
@@ -96,13 +147,17 @@ ESTIMATE_GAPS = {
 
 
 class _SaveOnlyAt(TrainerCallback):
-    """One checkpoint, at ``step`` (the end-of-run save would only cost time here)."""
+    """One checkpoint, at ``step`` (the end-of-run save would only cost time here); the parameters as the last
+    step left them go to ``trainer.matrix_last_step``."""
 
     def __init__(self, step: int):
         self.step = step
+        self.trainer = None
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         control.should_save = state.global_step == self.step
+        if state.global_step == state.max_steps and self.trainer is not None:  # before the techniques' finalize
+            self.trainer.matrix_last_step = {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def check_combination(recipe, base_model, dataset, tmp_path, *, estimate_gap=None):
@@ -123,15 +178,16 @@ def check_combination(recipe, base_model, dataset, tmp_path, *, estimate_gap=Non
     before = _structure(model)
     report = MemoryReportCallback(profile_step=None, profile_eval=False, sample=False)
     args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    first = MemkitTrainer(model=model, args=args, train_dataset=dataset, recipe=recipe,
-                          callbacks=[report, _SaveOnlyAt(2)])
+    saver = _SaveOnlyAt(2)
+    first = MemkitTrainer(model=model, args=args, train_dataset=dataset, recipe=recipe, callbacks=[report, saver])
+    saver.trainer = first
     trainable = {n: p.detach().clone() for n, p in first.model.named_parameters() if p.requires_grad}
     out = first.train()
     assert out.global_step == 4 and torch.isfinite(torch.tensor(out.training_loss))
     assert any(not torch.equal(p, trainable[n]) for n, p in first.model.named_parameters() if n in trainable), \
         "four steps changed no trainable parameter"
     for t in first.memkit.techniques:
-        check = INVARIANTS.get(t.name)
+        check = INVARIANTS.get(f"{t.slot}.{t.name}", INVARIANTS.get(t.name))
         if check is not None:
             check(first, t, dense)
 
@@ -202,7 +258,7 @@ def _three(entries):
     for order in (entries, entries[::-1], (entries[1], entries[0], entries[2]), (entries[0], entries[2], entries[1])):
         d = _recipe(order)
         if d is not None and _accepts(d):
-            return d
+            return for_matrix(d)
     return None
 
 
