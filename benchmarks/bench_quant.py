@@ -178,7 +178,7 @@ def main(argv=None) -> int:
                     "bytes": folder_bytes(out), "seconds": 0.0})
         elif row in ("rtn", "gptq", "gptq_lorc", "rtn_w2", "gptq_w2"):
             from hf_memkit.quant.gptq.config import GPTQConfig
-            from hf_memkit.quant.lorc.config import LoRCConfig
+            from hf_memkit.quant.lorc.config import LorcCompensatorConfig
             from hf_memkit.quant.pipeline import quantize_model_
             from hf_memkit.quant.rtn.config import RTNConfig
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             bits, gs = (2, 64) if row.endswith("_w2") else (4, g)
             cfg = RTNConfig(bits=bits, group_size=gs) if q == "rtn" else GPTQConfig(
                 bits=bits, group_size=gs, num_samples=a.calib_samples, seq_len=a.calib_seq_len)
-            lorc = LoRCConfig(rank=8) if row == "gptq_lorc" else None
+            lorc = LorcCompensatorConfig(rank=8) if row == "gptq_lorc" else None
             quantize_model_(m, q, cfg, lorc=lorc, calibration=calib if q == "gptq" else None)
             secs = time.perf_counter() - t0
             label = f"{q.upper()} w{bits}g{gs}" + (" + LoRC r8" if lorc else "")

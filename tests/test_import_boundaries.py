@@ -19,9 +19,7 @@ KNOWN = {
     "adapters/lorc/peft_config.py -> quant",
     "adapters/lorc/technique.py -> quant",
     "adapters/lorc/tuner.py -> quant",
-    "integrations/callback.py -> quant",
     "integrations/trainer.py -> distributed",
-    "integrations/trainer.py -> quant",
     "optim/release/wiring.py -> distributed",
     "precision/bf16/optimizer.py -> optim",
     "prune/activations.py -> quant",
@@ -34,7 +32,6 @@ KNOWN = {
     "prune/sparse_training.py -> optim",
     "prune/sparse_training.py -> quant",
     "prune/targets.py -> quant",
-    "quant/base.py -> prune",
     "quant/oneshot.py -> prune",
 }
 

@@ -79,7 +79,7 @@ def callback_refusals(recipe: Recipe) -> list[str]:
         if why is None and hooks:
             why = f"it uses {', '.join(hooks)}, which only the trainer wiring calls"
         if why is None and spec.slot == "compress":
-            from ..quant.base import Plan
+            from ..compress.plan import Plan
 
             if Plan.from_recipe(recipe).stage == "before":
                 why = "this compress list quantizes before training and then trains the quantized model"

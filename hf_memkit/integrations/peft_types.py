@@ -48,10 +48,17 @@ _lock = threading.RLock()
 _registering = False
 
 
+class _NotReady(Exception):
+    """The config or tuner module is being imported right now (it imports peft, which fired the hook)."""
+
+
 def _load(path: str) -> Any:
     import importlib
 
     module, _, attr = path.partition(":")
+    loading = sys.modules.get(module)
+    if loading is not None and not hasattr(loading, attr):
+        raise _NotReady(path)
     return getattr(importlib.import_module(module), attr)
 
 
@@ -102,7 +109,10 @@ def ensure_registered() -> dict[str, str]:
                 if member in PEFT_TYPE_TO_CONFIG_MAPPING:  # registered earlier in this process (module reload)
                     STATUS[type_name] = "registered"
                     continue
-                config_cls, tuner_cls = _load(config_path), _load(tuner_path)
+                try:
+                    config_cls, tuner_cls = _load(config_path), _load(tuner_path)
+                except _NotReady:  # registered on the next call (the config's __post_init__ makes it)
+                    continue
                 register_peft_method(name=method, config_cls=config_cls, model_cls=tuner_cls, prefix=prefix)
                 STATUS[type_name] = "registered"
         finally:

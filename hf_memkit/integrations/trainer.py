@@ -187,12 +187,12 @@ class RecipeRuntime:
     # finalize -------------------------------------------------------------------------------------------------
     def finalize(self, model: Any, output_dir: str) -> None:
         """The techniques' ``finalize``, then the export. The trained model and the compressed export are two
-        outputs: compress techniques run last, beside the trained model (:func:`~hf_memkit.quant.pipeline.
+        outputs: compress techniques run last, beside the trained model (:func:`~hf_memkit.compress.aside.
         compress_aside`), so that afterwards ``model`` holds the trained weights (what ``trainer.save_model()``
         writes to ``output_dir``) and the compressed model is in ``output_dir/<export.dir>``. A post-training
         compress recipe without ``export:`` gets the default one (safetensors in ``export/``): its result would
         be lost otherwise."""
-        from ..quant.pipeline import compress_aside
+        from ..compress.aside import compress_aside
         from ..export.checkpoint import export_safetensors, export_target
 
         compressors = [t for t in self.techniques if t.slot == "compress"]

@@ -1,4 +1,4 @@
-"""The ``compress:`` pruning techniques: they join the compress plan of :mod:`hf_memkit.quant.base` (role
+"""The ``compress:`` pruning techniques: they join the compress plan of :mod:`hf_memkit.compress.plan` (role
 ``pruner``), run after training in ``finalize`` (or in ``memkit compress``) before any quantizer of the same
 list, and need no model patch."""
 
@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ..quant.base import PRUNER, CompressTechnique
+from ..compress.capabilities import PRUNER
+from ..compress.technique import CompressTechnique
 from ..quant.fields import CalibrationFields
 from ..technique import TechniqueConfig
 

@@ -14,31 +14,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("hf_memkit")
 
-PRUNERS = ("magnitude_24", "wanda_24", "comp", "l1_structured")
-SEMI_STRUCTURED = ("magnitude_24", "wanda_24")
-CALIBRATED = ("wanda_24", "comp")
-
-
 def default_config(name: str) -> Any:
-    from .. import registry
+    from ..compress.capabilities import PRUNER, capability, names_with, technique_class
 
-    entry = registry.get(name)
-    if entry is None or name not in PRUNERS:
-        raise IncompatibleModelError(f"unknown pruning pass {name!r}; use one of {', '.join(PRUNERS)}")
-    return entry.config_cls()
+    if capability(name, "role") != PRUNER:
+        raise IncompatibleModelError(f"unknown pruning pass {name!r}; use one of {', '.join(names_with(PRUNER))}")
+    return technique_class(name).config_cls()
 
 
 def prune_model_(model: Any, name: str, config: Any = None, *, calibration: "CalibrationData | None" = None,
                  key: str | None = None) -> dict[str, Any]:
     """Prune ``model`` in place with ``name`` (``magnitude_24`` | ``wanda_24`` | ``comp`` | ``l1_structured``)."""
+    from ..compress.capabilities import capability
+
     config = config if config is not None else default_config(name)
     key = key or f"compress.{name}"
-    if name in CALIBRATED and (calibration is None or not calibration.batches):
+    if capability(name, "calibrated", False) and (calibration is None or not calibration.batches):
         raise IncompatibleModelError(
             f"{key}: {name} needs calibration data and none was given; pass calibration= (see "
             "hf_memkit.quant.calibration.from_corpus)")
     t0 = time.perf_counter()
-    if name in SEMI_STRUCTURED:
+    if capability(name, "leaves_nm", False):
         report = semi_structured_prune_(model, name, config, calibration, key)
     else:
         from ..export.checkpoint import STRUCTURED_ATTR

@@ -19,7 +19,8 @@ from typing import Any
 from ..atomic import pause_point
 from ..errors import RecipeError
 from ..export.checkpoint import OutputDirError
-from .base import REPORT_FILE, Plan
+from ..compress.plan import Plan
+from ..compress.technique import REPORT_FILE
 
 E2E_DEFAULTS = {"max_steps": 50, "per_device_train_batch_size": 4, "lr_scheduler_type": "cosine",
                 "warmup_steps": 0.03, "max_grad_norm": 0.3, "logging_steps": 10, "save_strategy": "no",
@@ -105,17 +106,18 @@ def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log
     if plan.e2e is None:
         report = {}
         for pname, pcfg in plan.pruners:
-            from ..prune.pipeline import CALIBRATED, prune_model_
+            from ..compress.capabilities import capability
+            from ..prune.pipeline import prune_model_
             from .calibration import from_corpus
 
-            pcal = from_corpus(tok, pcfg.num_samples, pcfg.seq_len) if pname in CALIBRATED else None
+            pcal = from_corpus(tok, pcfg.num_samples, pcfg.seq_len) if capability(pname, "calibrated") else None
             if pcal is not None:
                 log(f"hf_memkit: calibration: {pcal.describe()}")
             report[pname] = prune_model_(net, pname, pcfg, calibration=pcal)
         if plan.has_quant:
             qname, qcfg = plan.quantizer_or_default()
             calib = None
-            if qname in ("gptq", "block_ap"):
+            if plan.quantizer_calibrated():
                 from .calibration import from_corpus
 
                 calib = from_corpus(tok, qcfg.num_samples, qcfg.seq_len)

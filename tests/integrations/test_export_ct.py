@@ -44,13 +44,13 @@ def _quantized(tiny_path, tiny_tokenizer, quantizer, settings, lorc=None):
     from transformers import AutoModelForCausalLM
 
     from hf_memkit.quant.calibration import from_corpus
-    from hf_memkit.quant.lorc.config import LoRCConfig
+    from hf_memkit.quant.lorc.config import LorcCompensatorConfig
     from hf_memkit.quant.pipeline import default_config, quantize_model_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
     cfg = default_config(quantizer).model_copy(update=settings)
     calib = from_corpus(tiny_tokenizer, 8, 32) if quantizer == "gptq" else None
-    quantize_model_(model, quantizer, cfg, lorc=LoRCConfig(**lorc) if lorc else None, calibration=calib)
+    quantize_model_(model, quantizer, cfg, lorc=LorcCompensatorConfig(**lorc) if lorc else None, calibration=calib)
     return model
 
 

@@ -45,7 +45,7 @@ class LorcModel(BaseTuner):
 
     def _quantize(self, cfg: Any, model: Any, targets: dict[str, Any]) -> None:
         from ...quant.gptq.config import GPTQConfig
-        from ...quant.lorc.config import LoRCConfig
+        from ...quant.lorc.config import LorcCompensatorConfig
         from ...quant.pipeline import quantize_model_
         from ...quant.rtn.config import RTNConfig
 
@@ -60,7 +60,7 @@ class LorcModel(BaseTuner):
             calib = resolve("corpus", key=key, num_samples=cfg.num_samples, seq_len=cfg.seq_len, model=model)
         else:
             qcfg = RTNConfig(**common)
-        lorc = LoRCConfig(rank=cfg.r, factor_bits=cfg.factor_bits)
+        lorc = LorcCompensatorConfig(rank=cfg.r, factor_bits=cfg.factor_bits)
         quantize_model_(model, cfg.quantizer, qcfg, lorc=lorc, calibration=calib, key=key)
 
     def _create_and_replace(self, peft_config: Any, adapter_name: str, target: Any, target_name: str, parent: Any,

@@ -5,7 +5,8 @@ from typing import Any, ClassVar
 
 from ...errors import IncompatibleModelError
 from ...technique import PatchHandle, ValidationContext
-from ..base import ADAPTER_CONFLICT, QUANTIZER, TRAINER, CompressTechnique
+from ...compress.capabilities import QUANTIZER, TRAINER
+from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
 from .config import BlockAPConfig, E2EQPConfig
 
 logger = logging.getLogger("hf_memkit")
@@ -19,6 +20,7 @@ class BlockAPTechnique(CompressTechnique):
     config_cls = BlockAPConfig
     role: ClassVar[str] = QUANTIZER
     calibrated: ClassVar[bool] = True
+    trains_blocks: ClassVar[bool] = True
     summary: ClassVar[str] = "EfficientQAT Block-AP: block-wise training of weights, norms and quantization steps"
     reference: ClassVar[str] = "Chen et al. 2024, EfficientQAT (arXiv 2407.11062); OpenGVLab/EfficientQAT"
     conflicts: ClassVar[dict[str, str]] = {

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..base import ADAPTER_CONFLICT, QUANTIZER, CompressTechnique
+from ...compress.capabilities import QUANTIZER
+from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
 from .config import GPTQConfig
 
 

@@ -8,7 +8,7 @@ from ...config_types import MAX_RANK
 from ...technique import TechniqueConfig
 
 
-class LoRCConfig(TechniqueConfig):
+class LorcCompensatorConfig(TechniqueConfig):
     """``compress: [{gptq: {}}, {lorc: {}}]`` — LoRC: low-rank compensation of the quantization error.
 
     ```yaml

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..base import ADAPTER_CONFLICT, COMPENSATOR, CompressTechnique
-from .config import LoRCConfig
+from ...compress.capabilities import COMPENSATOR
+from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
+from .config import LorcCompensatorConfig
 
 
 class LoRCTechnique(CompressTechnique):
@@ -11,7 +12,7 @@ class LoRCTechnique(CompressTechnique):
     has no pass of its own unless it is alone in the list (then it compensates RTN)."""
 
     name: ClassVar[str] = "lorc"
-    config_cls = LoRCConfig
+    config_cls = LorcCompensatorConfig
     role: ClassVar[str] = COMPENSATOR
     summary: ClassVar[str] = "LoRC: rank-r SVD compensation of the quantization error, exported as a LoRA adapter"
     reference: ClassVar[str] = "Yao et al. 2023, ZeroQuant-V2 §5 (arXiv 2303.08302)"

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..base import ADAPTER_CONFLICT, QUANTIZER, CompressTechnique
+from ...compress.capabilities import QUANTIZER
+from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
 from .config import RTNConfig
 
 
@@ -10,6 +11,7 @@ class RTNTechnique(CompressTechnique):
     name: ClassVar[str] = "rtn"
     config_cls = RTNConfig
     role: ClassVar[str] = QUANTIZER
+    keeps_nm: ClassVar[bool] = True  # a zero rounds to a zero code on an asymmetric grid that spans 0
     summary: ClassVar[str] = "round-to-nearest 2/3/4/8-bit weights (per channel or group), no calibration"
     reference: ClassVar[str] = "IST-DASLab/gptq quant.py (RTN baseline); ZeroQuant-V2 (Yao et al. 2023)"
     conflicts: ClassVar[dict[str, str]] = {

@@ -52,14 +52,14 @@ def _peft(model, **kw):
 
 
 def test_adapter_starts_at_the_compensated_quantized_model(tiny_model):
-    from hf_memkit.quant.lorc.config import LoRCConfig
+    from hf_memkit.quant.lorc.config import LorcCompensatorConfig
     from hf_memkit.quant.pipeline import quantize_model_
     from hf_memkit.quant.rtn.config import RTNConfig
 
     import copy
 
     ref = copy.deepcopy(tiny_model)
-    quantize_model_(ref, "rtn", RTNConfig(bits=4, group_size=32), lorc=LoRCConfig(rank=8))
+    quantize_model_(ref, "rtn", RTNConfig(bits=4, group_size=32), lorc=LorcCompensatorConfig(rank=8))
     x = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         full, want = tiny_model(input_ids=x).logits, ref(input_ids=x).logits

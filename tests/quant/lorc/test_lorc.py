@@ -66,12 +66,12 @@ def test_compensation_lowers_the_layer_output_error():
 
 def test_lorc_on_a_model_adds_a_branch_y_plus_a_bx(tiny_model):
     from hf_memkit.quant.linear import lorc_factors as branch_of
-    from hf_memkit.quant.lorc.config import LoRCConfig
+    from hf_memkit.quant.lorc.config import LorcCompensatorConfig
     from hf_memkit.quant.pipeline import quantize_model_
 
     lin = tiny_model.model.layers[0].mlp.down_proj
     w0 = lin.weight.detach().clone()
-    report = quantize_model_(tiny_model, "rtn", lorc=LoRCConfig(rank=4))
+    report = quantize_model_(tiny_model, "rtn", lorc=LorcCompensatorConfig(rank=4))
     A, B, meta = branch_of(lin)
     assert A.shape == (64, 4) and B.shape == (4, 128) and meta == {"rank": 4, "factor_bits": None}
     x = torch.randn(3, 128)

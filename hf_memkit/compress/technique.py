@@ -1,139 +1,29 @@
-"""What the ``compress:`` techniques share: how one recipe's compress list becomes a plan, when it runs, where
-its calibration data comes from, and what ``finalize`` writes.
-
-A compress list is read by role, not by position: at most one *quantizer* (rtn, gptq, block_ap: declared as
-conflicts, so two are a recipe error), an optional *compensator* (lorc) applied per layer right after the
-quantizer, and an optional *trainer* (e2e_qp). Without a trainer everything runs after training, in
-``finalize`` (on the run's training data when ``calibration`` allows it). With e2e_qp the quantizer runs
-before training, in ``patch_model`` (on the embedded corpus: the run's data is not reachable yet), and the
-Trainer run itself is E2E-QP. Each technique instance reads the whole list in ``validate``; the *leader*
-(the quantizer, else lorc) runs the pass and the last technique of the list writes the report and, for
-``export: {format: compressed-tensors}``, the export.
+"""The base class of the ``compress:`` techniques and its lifecycle: checks at recipe load, the pass before
+training (a quantizer followed by e2e_qp), calibration data from the run, and ``finalize`` (prune, quantize,
+report, export). What runs when is the plan's (:mod:`.plan`); what each technique can do is its class
+attributes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import IncompatibleModelError, RecipeError
 from ..technique import PatchHandle, Technique, ValidationContext
+from .capabilities import QUANTIZER, capability
+from .plan import Plan
 
 logger = logging.getLogger("hf_memkit")
 
-QUANTIZER, COMPENSATOR, TRAINER, PRUNER = "quantizer", "compensator", "trainer", "pruner"
-ROLES = {"rtn": QUANTIZER, "gptq": QUANTIZER, "block_ap": QUANTIZER, "lorc": COMPENSATOR, "e2e_qp": TRAINER,
-         "magnitude_24": PRUNER, "wanda_24": PRUNER, "comp": PRUNER, "l1_structured": PRUNER}
-#: pruners that leave 2:4 weights: a quantizer after them must keep exact zeros (rtn does; gptq/block_ap update
-#: the pruned weights)
-SEMI_STRUCTURED = ("magnitude_24", "wanda_24")
 REPORT_FILE = "compression_report.json"
 
 ADAPTER_CONFLICT = (
     "quantization runs on the plain base model; with an adapter, train and merge it first "
     "(export: {format: safetensors, merge_adapters: true}), then run `memkit compress` on the merged folder"
 )
-
-
-@dataclass
-class Plan:
-    """The compress list of one recipe, by role."""
-
-    names: list[str] = field(default_factory=list)
-    quantizer: tuple[str, Any] | None = None
-    lorc: Any = None
-    e2e: Any = None
-    pruners: list = field(default_factory=list)
-    export: Any = None
-    recipe: Any = None
-
-    @classmethod
-    def from_recipe(cls, recipe: Any) -> "Plan":
-        plan = cls(recipe=recipe, export=getattr(recipe, "export", None))
-        for spec in recipe.slot("compress"):
-            plan._add(spec.name, spec.config)
-        return plan
-
-    @classmethod
-    def alone(cls, technique: "CompressTechnique") -> "Plan":
-        plan = cls()
-        plan._add(technique.name, technique.config)
-        return plan
-
-    def _add(self, name: str, config: Any) -> None:
-        self.names.append(name)
-        role = ROLES.get(name)
-        if role == QUANTIZER:
-            self.quantizer = (name, config)
-        elif role == COMPENSATOR:
-            self.lorc = config
-        elif role == TRAINER:
-            self.e2e = config
-        elif role == PRUNER:
-            self.pruners.append((name, config))
-
-    @property
-    def stage(self) -> str:
-        return "before" if self.e2e is not None else "after"
-
-    @property
-    def has_quant(self) -> bool:
-        return self.quantizer is not None or self.lorc is not None or self.e2e is not None
-
-    @property
-    def leader(self) -> str:
-        if self.quantizer is not None:
-            return self.quantizer[0]
-        if self.lorc is None and self.e2e is None and self.pruners:
-            return self.pruners[0][0]
-        return "lorc" if self.lorc is not None else "e2e_qp"
-
-    def check_order(self) -> None:
-        """e2e_qp trains the scales of the model its quantizer (or LoRC) produced, so it comes after them."""
-        if self.e2e is None:
-            return
-        at = self.names.index("e2e_qp")
-        later = [n for n in self.names[at + 1:] if ROLES.get(n) in (QUANTIZER, COMPENSATOR)]
-        if later:
-            raise RecipeError(
-                f"e2e_qp trains the step sizes of the model {later[0]} quantizes, so {later[0]} must come before it "
-                f"in the compress list", path=getattr(self.recipe, "source", None), key=f"compress.{later[0]}",
-                fix=f"list {later[0]} before e2e_qp: compress: [{{{later[0]}: ...}}, {{e2e_qp: ...}}]")
-
-    def check_pruners(self) -> None:
-        """Pruning runs first, after training; what cannot follow it is refused here."""
-        if not self.pruners:
-            return
-        src = getattr(self.recipe, "source", None)
-        if self.e2e is not None:
-            raise RecipeError("pruning runs after training and e2e_qp trains a quantized model before it",
-                              path=src, key=f"compress.{self.pruners[0][0]}",
-                              fix="prune and quantize with rtn/gptq in one recipe, or run e2e_qp on the pruned export")
-        semi = [n for n, _ in self.pruners if n in SEMI_STRUCTURED]
-        if semi and self.quantizer is not None and self.quantizer[0] != "rtn":
-            raise RecipeError(f"{self.quantizer[0]} updates the weights {semi[0]} pruned, so the result would not "
-                              "be 2:4 any more", path=src, key=f"compress.{self.quantizer[0]}",
-                              fix="use rtn after a 2:4 pruner (pruned zeros stay exact zeros on its grid)")
-        if semi and self.lorc is not None:
-            raise RecipeError("lorc adds a dense side branch the 2:4 export cannot hold", path=src,
-                              key="compress.lorc", fix="drop lorc from a 2:4 recipe")
-        if len(self.pruners) > 1:
-            raise RecipeError(f"one pruning pass per recipe ({', '.join(n for n, _ in self.pruners)} given)",
-                              path=src, key=f"compress.{self.pruners[1][0]}",
-                              fix="keep one of them; run the other on the exported folder")
-
-    @property
-    def last(self) -> str:
-        return self.names[-1] if self.names else ""
-
-    def quantizer_or_default(self) -> tuple[str, Any]:
-        if self.quantizer is not None:
-            return self.quantizer
-        from .pipeline import default_config
-
-        return "rtn", default_config("rtn")
 
 
 @dataclass
@@ -149,7 +39,7 @@ def dataset_batches(dataloader: Any, num_samples: int):
 
     Reading rows by index (not iterating the dataloader) consumes no random state and gives the same rows in an
     interrupted-and-resumed run as in an uninterrupted one."""
-    from .calibration import CALIBRATION_BATCH
+    from ..quant.calibration import CALIBRATION_BATCH
 
     ds = getattr(dataloader, "dataset", None)
     collate = getattr(dataloader, "collate_fn", None)
@@ -181,8 +71,19 @@ class CompressTechnique(Technique):
     #: before training (a quantizer followed by e2e_qp) the pass rewrites the Linears; it goes before forward patches
     replaces_modules: ClassVar[bool] = True
     unsupported_engines: ClassVar[dict[str, str]] = {e: _ENGINE_REASON for e in ("zero3", "fsdp")}
+    #: capabilities, read by the plan and the passes (never a table of names)
+    #: quantizer | compensator | trainer | pruner (see :mod:`.plan`)
     role: ClassVar[str] = QUANTIZER
+    #: the pass needs calibration data (activations of real text)
     calibrated: ClassVar[bool] = False
+    #: a quantizer that keeps exact zeros exact (so it may follow a 2:4 pruner)
+    keeps_nm: ClassVar[bool] = False
+    #: a pruner that leaves N:M (2:4) weights
+    leaves_nm: ClassVar[bool] = False
+    #: a pass that rebuilds modules and edits the config (structural pruning): it runs on a copy of the model
+    rebuilds_modules: ClassVar[bool] = False
+    #: before training, the pass trains every weight of the decoder blocks (norms included), not only the Linears
+    trains_blocks: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         super().__init__(config)
@@ -234,7 +135,7 @@ class CompressTechnique(Technique):
             meta = meta_model(model_config)
         except Exception:  # an architecture the Auto classes cannot build: the pass checks the real model
             return
-        from .pipeline import check_model
+        from ..quant.pipeline import check_model
 
         key = f"compress.{qname}" if self.plan.quantizer is not None or qname == self.name else (
             f"compress.{self.name} (which starts from rtn's default grid; list a quantizer before it to choose one)")
@@ -272,7 +173,7 @@ class CompressTechnique(Technique):
         if self.name != plan.leader or plan.stage != "after":
             return
         qname, qcfg = plan.quantizer_or_default()
-        if qname not in ("gptq", "block_ap"):
+        if not plan.quantizer_calibrated():
             return
         if qcfg.calibration in ("auto", "train") and self.run.dataloader is not None:
             return
@@ -284,7 +185,7 @@ class CompressTechnique(Technique):
             )
 
     def calibration_data(self, model: Any, qcfg: Any, key: str):
-        from .calibration import resolve
+        from ..quant.calibration import resolve
 
         batches = None
         if self.run.dataloader is not None and qcfg.calibration in ("auto", "train"):
@@ -299,16 +200,16 @@ class CompressTechnique(Technique):
             return None
         import torch
 
-        from .linear import clear_quantized_
-        from .pipeline import check_model, quantize_model_
+        from ..quant.linear import clear_quantized_
+        from ..quant.pipeline import check_model, quantize_model_
 
         targets = check_model(model, self.name, self.config, self.key)
         calib = self.calibration_data(model, self.config, self.key) if self.calibrated else None
         touched = set(targets)
-        if self.name == "block_ap":  # trains every weight of the blocks, norms included
-            from .layerwise import find_blocks
+        if self.trains_blocks:  # every weight of the blocks changes, norms included
+            from ..integrations.anatomy import find_decoder_layers
 
-            prefix, _ = find_blocks(model, self.key)
+            prefix = find_decoder_layers(model, key=self.key).path
             touched |= {n for n, _ in model.named_modules() if n.startswith(prefix + ".")}
         saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                  if n.rpartition(".")[0] in touched}
@@ -330,19 +231,18 @@ class CompressTechnique(Technique):
     def finalize(self, model: Any, output_dir: str) -> None:
         plan = self.plan
         if plan.stage == "after" and self.name == plan.leader:
-            from .pipeline import PassReport, quantize_model_
+            from ..prune.pipeline import prune_model_
+            from ..quant.pipeline import PassReport, quantize_model_
 
             prune_reports = {}
             for pname, pcfg in plan.pruners:
-                from ..prune.pipeline import CALIBRATED, prune_model_
-
                 pkey = f"compress.{pname}"
-                pcal = self.calibration_data(model, pcfg, pkey) if pname in CALIBRATED else None
+                pcal = self.calibration_data(model, pcfg, pkey) if capability(pname, "calibrated", False) else None
                 prune_reports[pname] = prune_model_(model, pname, pcfg, calibration=pcal, key=pkey)
             if plan.has_quant:
                 qname, qcfg = plan.quantizer_or_default()
                 key = f"compress.{qname}"
-                calib = self.calibration_data(model, qcfg, key) if qname in ("gptq", "block_ap") else None
+                calib = self.calibration_data(model, qcfg, key) if plan.quantizer_calibrated() else None
                 self.report = quantize_model_(model, qname, qcfg, lorc=plan.lorc, calibration=calib, key=key)
             else:
                 self.report = PassReport("none", {})
@@ -366,6 +266,6 @@ class CompressTechnique(Technique):
 
 
 def _tokenizer_for(model: Any) -> Any:
-    from .calibration import tokenizer_for
+    from ..quant.calibration import tokenizer_for
 
     return tokenizer_for(model)
