@@ -398,7 +398,7 @@ def target_linears(model: Any, target: "str | list[str]", *, key: str, trainable
                 f"the whole name. Fix: name the Linear layers ({', '.join(sample[:8])}) or use 'all-linear'"
             )
     if not found:
-        names = [n for n, _ in candidates]
+        names = [n if type(m) is nn.Linear else f"{n} ({type(m).__name__})" for n, m in candidates]
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         raise IncompatibleModelError(
             f"{key}: target_modules={target!r} selects no {'trainable ' if trainable_only else ''}"

@@ -199,6 +199,23 @@ ZERO_PARTITIONS = {0: (), 1: ("optimizer_states",), 2: ("optimizer_states", "gra
                    3: ("optimizer_states", "gradients", "weights", "adapter_weights")}
 
 
+#: config fields the activation model reads (Llama-family decoders: Llama, Mistral, Qwen2/3, Gemma, SmolLM)
+MODELLED_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+
+
+def _check_modelled(config: Any) -> None:
+    missing = [f for f in MODELLED_FIELDS if not isinstance(getattr(config, f, None), int)]
+    if missing:
+        from ..errors import IncompatibleModelError
+
+        raise IncompatibleModelError(
+            f"the memory estimator models Llama-family decoders (q/k/v/o and gate/up/down projections, RMSNorm); "
+            f"{type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r}) has no "
+            f"{', '.join(missing)}, so its activations cannot be predicted. Fix: measure instead: `memkit train` "
+            "writes the measured memory report, or add hf_memkit.memory.profiler.MemoryReportCallback to a Trainer"
+        )
+
+
 def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_len: int = 512,
                     dtype: str = "float32", world_size: int = 1, zero_stage: int = 0) -> MemoryEstimate:
     """Estimate per-rank training memory for ``model`` (a name such as ``tiny``/``smollm2``, a local path, a
@@ -213,6 +230,7 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_BYTES)}")
     config = resolve_config(model)
     recipe = load_recipe(recipe if recipe is not None else {})
+    _check_modelled(config)
     meta = meta_model(config)
     mem = MemoryEstimate(meta, batch_size, seq_len, dtype,
                          bool(recipe.training_args.get("gradient_checkpointing")
