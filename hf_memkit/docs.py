@@ -35,7 +35,7 @@ def technique_table() -> str:
 def engine_table() -> str:
     """Technique × engine: ✓ supported, ✗ refused when the recipe loads (the footnote gives the reason)."""
     from . import registry
-    from .distributed.engines import ENGINES
+    from .engines import ENGINES
 
     lines = ["| slot | recipe key | " + " | ".join(ENGINES.values()) + " |",
              "|---|---|" + "---|" * len(ENGINES)]

@@ -607,7 +607,7 @@ def _present(recipe: Recipe, ref: str) -> bool:
 def check_compatibility(recipe: Recipe) -> None:
     """Raise a RecipeError for the first declared conflict or unmet requirement between the techniques, then for
     the first technique that does not support the distributed engine the recipe selects
-    (:mod:`hf_memkit.distributed.engines`)."""
+    (:mod:`hf_memkit.engines`)."""
     for spec in recipe.techniques:
         cls = registry.get(spec.name, spec.slot).technique_cls
         key = f"{spec.slot}.{spec.name}"
@@ -628,7 +628,7 @@ def check_compatibility(recipe: Recipe) -> None:
                     key=key,
                     fix=_requirement_fix(ref),
                 )
-    from .distributed.engines import check_engine, recipe_engine
+    from .engines import check_engine, recipe_engine
 
     engine, source = recipe_engine(recipe)
     classes = [registry.get(s.name, s.slot).technique_cls for s in recipe.techniques]

@@ -21,7 +21,7 @@ Two optional extras: ``training_args(model_config)`` returns TrainingArguments f
 the Trainer is built (CO2 uses it to reach the DDP wrapper and switch its per-step gradient sync off).
 
 Distributed engines are a separate axis, declared in ``unsupported_engines``: the engines (see
-:data:`hf_memkit.distributed.engines.ENGINES`: ``ddp``, ``zero1``, ``zero2``, ``zero3``, ``fsdp``, ``co2``) a
+:data:`hf_memkit.engines.ENGINES`: ``ddp``, ``zero1``, ``zero2``, ``zero3``, ``fsdp``, ``co2``) a
 technique cannot run under, each mapped to the reason. Every engine not listed is supported. The recipe loader
 checks the engine the recipe selects (``distributed:`` slot or ``training_args.deepspeed``/``fsdp``) and the
 trainer wiring checks the engine the run actually uses (command-line ``--deepspeed``/``--fsdp``, or several

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ..technique import Technique
 
 logger = logging.getLogger("hf_memkit")
-
-
-def configs_dir() -> Path:
-    """The repository's ``configs/`` folder (DeepSpeed presets), found like ``recipes/``
-    (:func:`hf_memkit.data.recipes.recipes_dir`): ``hf_memkit/_configs`` in a built wheel, else ``configs/`` beside
-    the package."""
-    here = Path(__file__).resolve().parent.parent  # hf_memkit/
-    for cand in (here / "_configs", here.parent / "configs"):
-        if cand.is_dir():
-            return cand
-    return here.parent / "configs"
 
 
 def world_size() -> int:

@@ -72,7 +72,7 @@ class RecipeRuntime:
     def check_engine(self, args: Any) -> None:
         """The engine the run really uses (command-line ``--deepspeed``/``--fsdp`` included) against every
         technique's ``unsupported_engines``."""
-        from ..distributed.engines import args_engine, check_engine
+        from ..engines import args_engine, check_engine
 
         dist_t = self.of_slot("distributed")
         engine = args_engine(args)

@@ -23,10 +23,18 @@ from .activations import add_activation_terms
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-#: hooks run in this slot order: adapters decide what trains before optimizers size their state
-#: compress right after the adapter: a before-training pass (e2e_qp) decides what trains, which the optimizer's
-#: states and the activation techniques then see (the same order as patching: module replacements first)
-ESTIMATE_ORDER = ("adapter", "compress", "schedule", "distributed", "optimizer", "precision", "loss", "activations")
+#: hooks run in this slot order, after the techniques that replace modules (:func:`estimate_sequence`):
+#: adapters decide what trains before optimizers size their state, activation techniques see everything else
+ESTIMATE_ORDER = ("adapter", "compress", "schedule", "distributed", "optimizer", "precision", "loss", "activations",
+                  "guard")
+
+
+def estimate_sequence(techniques: list) -> list:
+    """The order the estimate hooks run in, the same rule as patching
+    (:func:`hf_memkit.integrations.trainer.patch_sequence`): techniques that replace modules
+    (``Technique.replaces_modules``: SST, the compress slot's before-training passes) first, so the others see
+    ``replaced_linears``; then :data:`ESTIMATE_ORDER`, recipe order within a slot."""
+    return sorted(techniques, key=lambda t: (not t.replaces_modules, ESTIMATE_ORDER.index(t.slot)))
 
 
 @dataclass
@@ -253,10 +261,8 @@ def estimate_memory(model: Any, recipe: Any = None, *, batch_size: int = 1, seq_
         mem.add("weights", b.numel() * b.element_size(), "buffers", n)
     _logit_terms(mem, config)  # before the hooks, so that techniques can replace them
     techniques = recipe.build()
-    for slot in ESTIMATE_ORDER:
-        for t in techniques:
-            if t.slot == slot:
-                t.estimate(mem)
+    for t in estimate_sequence(techniques):
+        t.estimate(mem)
     add_activation_terms(mem, config)
     for t in techniques:
         t.finish_estimate(mem)

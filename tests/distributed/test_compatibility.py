@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hf_memkit import load_recipe, registry
-from hf_memkit.distributed.engines import ENGINES, check_engine, deepspeed_config_engine, recipe_engine
+from hf_memkit.engines import ENGINES, check_engine, deepspeed_config_engine, recipe_engine
 from hf_memkit.errors import RecipeError
 
 ENGINE_RECIPES = {
@@ -73,7 +73,7 @@ def test_engine_read_from_training_args_and_config_files(tmp_path):
 def test_the_command_line_engine_is_checked_when_the_trainer_is_built(tiny_model, tmp_path):
     """A recipe that loads (no engine in it) is still refused when --deepspeed picks ZeRO-3 at run time."""
     from hf_memkit import MemkitTrainer
-    from hf_memkit.distributed.base import configs_dir
+    from hf_memkit.data.recipes import configs_dir
     from tests.conftest import make_args
 
     args = make_args(tmp_path, deepspeed=str(configs_dir() / "zero3.json"))

@@ -106,7 +106,12 @@ class OffloadTechnique(Technique):
             if h is not None:
                 h.__exit__(None, None, None)
 
-        handles = [model.register_forward_pre_hook(root_pre), model.register_forward_hook(root_post, always_call=True)]
+        from ...integrations.patching import Patches
+
+        patches = Patches(self.name, model)
+        patches.on_remove(store.close)  # undone last
+        patches.hook(model.register_forward_pre_hook(root_pre))
+        patches.hook(model.register_forward_hook(root_post, always_call=True))
         if cfg.token_fraction < 1:
             from ...integrations.anatomy import find_decoder_layers
 
@@ -129,14 +134,12 @@ class OffloadTechnique(Technique):
                     f.__exit__(None, None, None)
 
             for layer in find_decoder_layers(model, key=KEY).modules:
-                handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
-                handles.append(layer.register_forward_hook(layer_post, always_call=True))
+                patches.hook(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
+                patches.hook(layer.register_forward_hook(layer_post, always_call=True))
         self.store, self.hooks = store, hooks
 
         def undo():
-            for h in handles:
-                h.remove()
-            store.close()
+            patches.remove()
             self.store = self.hooks = None
             return model
 

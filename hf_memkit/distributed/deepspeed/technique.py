@@ -9,8 +9,9 @@ import os
 from typing import Any, ClassVar
 
 from ...errors import RecipeError
-from ..base import DistributedTechnique, configs_dir, cpu_ranks, engine_runs_here, world_size
-from ..engines import zero_engine
+from ...data.recipes import configs_dir
+from ..base import DistributedTechnique, cpu_ranks, engine_runs_here, world_size
+from ...engines import zero_engine
 from .config import DeepSpeedConfig
 
 KEY = "distributed.deepspeed"

@@ -21,7 +21,7 @@ def _key(technique: Any, field: str = "gradient_release") -> str:
 def validate_release(technique: Any, ctx: Any) -> None:
     """What the recipe alone shows: an optimizer whose math is not per parameter, an engine, fp16, a clipping
     norm with ``release_clipping: refuse``, the divergence guard's ``action: skip``."""
-    from ...distributed.engines import ENGINES, recipe_engine
+    from ...engines import ENGINES, recipe_engine
 
     path = getattr(ctx.recipe, "source", None)
     if technique.release_refusal:
@@ -70,7 +70,7 @@ def check_training_args(technique: Any, args: Any, path: str | None = None, *, e
 def bind_release(technique: Any, trainer: Any) -> None:
     """At attach: check the run's real arguments and engine, and make the Trainer's gradient norm (what it
     clips and logs) come from the hooks: the gradients it would read are already freed."""
-    from ...distributed.engines import ENGINES, args_engine
+    from ...engines import ENGINES, args_engine
 
     check_training_args(technique, trainer.args)
     engine = args_engine(trainer.args)

@@ -136,10 +136,12 @@ class LisaTechnique(Technique):
             )
         for p in frozen:
             p.requires_grad_(False)
-        hook = None
+        from ...integrations.patching import Patches
+
+        patches = Patches(self.name, model)
         embedding = _input_side_cut(model, layers, cfg.always_train, KEY)
         if embedding is not None:
-            hook = embedding.register_forward_hook(functools.partial(_cut_input_side, model))
+            patches.hook(embedding.register_forward_hook(functools.partial(_cut_input_side, model)))
             logger.info("hf_memkit: %s: the embedding matrix is tied to lm_head and always_train names lm_head but "
                         "not embeddings: it trains through the head only, so the layers below the lowest active "
                         "one save no activations", KEY)
@@ -149,8 +151,7 @@ class LisaTechnique(Technique):
             self._sampler.set_state(self._pending_sampler_state)
 
         def undo():
-            if hook is not None:
-                hook.remove()
+            patches.remove()
             for n, p in model.named_parameters():
                 if n in flags:
                     p.requires_grad_(flags[n])

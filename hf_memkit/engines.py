@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Iterable
 
-from ..errors import RecipeError
+from .errors import RecipeError
 
 #: engine -> label used in messages and in the README table
 ENGINES: dict[str, str] = {
@@ -40,7 +40,7 @@ def deepspeed_config_engine(config: Any) -> str | None:
     where ``configs/`` lives); ``zero1`` — what every ZeRO stage does — when the file cannot be read yet."""
     if isinstance(config, str):
         if not os.path.isfile(config):
-            from .base import configs_dir
+            from .data.recipes import configs_dir
 
             alt = configs_dir().parent / config
             if not alt.is_file():
@@ -59,7 +59,7 @@ def deepspeed_config_engine(config: Any) -> str | None:
 def recipe_engine(recipe: Any) -> tuple[str | None, str]:
     """(engine, the recipe key that selects it) — engine None: single process, or plain DDP decided by the
     launcher."""
-    from .. import registry
+    from . import registry
 
     for spec in recipe.slot("distributed"):
         cls = registry.get(spec.name, "distributed").technique_cls
@@ -119,7 +119,7 @@ def check_engine(techniques: Iterable[Any], engine: str | None, *, path: str | N
 
 def table_rows() -> list[tuple[str, str, dict[str, str]]]:
     """(slot, name, {engine: 'yes' | 'no'}) for every registered technique (the README table)."""
-    from .. import registry
+    from . import registry
 
     rows = []
     for e in registry.entries():
