@@ -86,7 +86,7 @@ def folder_bytes(folder: str) -> int:
 def linear_bytes(folder: str, model) -> int:
     """Bytes the quantized layers' tensors take in the checkpoint (packed codes, scales, zero points, shapes)."""
     from hf_memkit.export.compressed_tensors import quantized_bytes_on_disk
-    from hf_memkit.quant.linear import quantized_modules
+    from hf_memkit.compress.linear import quantized_modules
 
     return quantized_bytes_on_disk(folder, [n for n, _m, _q in quantized_modules(model)])
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
     logging.getLogger("hf_memkit").setLevel(logging.DEBUG)
     from hf_memkit.data.models import load_model_and_tokenizer, resolve_model_path
-    from hf_memkit.quant.calibration import from_corpus
+    from hf_memkit.compress.calibration import from_corpus
     from hf_memkit.quant.evaluate import corpus_perplexity, eval_blocks
 
     torch.manual_seed(0)

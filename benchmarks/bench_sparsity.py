@@ -58,7 +58,7 @@ def run_row(row, path, tok, args):
     from transformers import AutoModelForCausalLM
 
     from hf_memkit.prune.pipeline import default_config, prune_model_
-    from hf_memkit.quant.calibration import from_corpus
+    from hf_memkit.compress.calibration import from_corpus
 
     calib = from_corpus(tok, args.calib_samples, args.calib_seq_len)
     if row in ("ast", "cast"):

@@ -74,7 +74,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def _restore(model: Any, saved: dict[str, Any]) -> None:
     import torch
 
-    from ..quant.linear import LORC_ATTR, clear_quantized_, set_lorc_
+    from .linear import LORC_ATTR, clear_quantized_, set_lorc_
 
     for name, m in model.named_modules():
         attrs, bufs = saved["modules"].get(name, ({}, {}))

@@ -39,7 +39,7 @@ def dataset_batches(dataloader: Any, num_samples: int):
 
     Reading rows by index (not iterating the dataloader) consumes no random state and gives the same rows in an
     interrupted-and-resumed run as in an uninterrupted one."""
-    from ..quant.calibration import CALIBRATION_BATCH
+    from .calibration import CALIBRATION_BATCH
 
     ds = getattr(dataloader, "dataset", None)
     collate = getattr(dataloader, "collate_fn", None)
@@ -185,7 +185,7 @@ class CompressTechnique(Technique):
             )
 
     def calibration_data(self, model: Any, qcfg: Any, key: str):
-        from ..quant.calibration import resolve
+        from .calibration import resolve
 
         batches = None
         if self.run.dataloader is not None and qcfg.calibration in ("auto", "train"):
@@ -200,7 +200,7 @@ class CompressTechnique(Technique):
             return None
         import torch
 
-        from ..quant.linear import clear_quantized_
+        from .linear import clear_quantized_
         from ..quant.pipeline import check_model, quantize_model_
 
         targets = check_model(model, self.name, self.config, self.key)
@@ -266,6 +266,6 @@ class CompressTechnique(Technique):
 
 
 def _tokenizer_for(model: Any) -> Any:
-    from ..quant.calibration import tokenizer_for
+    from .calibration import tokenizer_for
 
     return tokenizer_for(model)

@@ -135,7 +135,7 @@ def _write_safetensors(model: Any, out_dir: str, *, merge_adapters: bool = True)
             if merge_adapters:
                 logger.warning("hf_memkit: %s; exporting the adapter beside it instead of merging",
                                "the adapter has no merged form" if not mergeable else "the base is 4-bit")
-    from ..quant.linear import quantized_modules
+    from ..compress.linear import quantized_modules
 
     if quantized_modules(target):
         target.save_pretrained(out_dir, state_dict=dense_state_dict(target), safe_serialization=True)
@@ -148,7 +148,7 @@ def _write_safetensors(model: Any, out_dir: str, *, merge_adapters: bool = True)
 def dense_state_dict(model: Any) -> dict[str, Any]:
     """The state dict a plain model with the same outputs has: quantized layers as their dequantized weight,
     with any LoRC branch folded in (``Ŵ + AB``)."""
-    from ..quant.linear import lorc_factors, quantized_modules
+    from ..compress.linear import lorc_factors, quantized_modules
 
     state = model.state_dict()
     for name, module, qw in quantized_modules(model):
@@ -170,7 +170,7 @@ def dense_bytes(model: Any) -> int:
     """Bytes of the model's weights in its own dtype without any quantization (tied tensors once)."""
     import torch
 
-    from ..quant.linear import quantized_modules
+    from ..compress.linear import quantized_modules
 
     # training-time quantized layers (E2E-QP) hold codes and scales instead of a weight: count the weight
     packed = {n: qw for n, m, qw in quantized_modules(model) if type(m) is not torch.nn.Linear}
@@ -212,7 +212,7 @@ def _write_compressed_tensors(model: Any, out_dir: str, *, recipe: Any = None, t
     from .. import __version__
     from ..atomic import pause_point
     from ..prune.targets import sparse_modules
-    from ..quant.linear import quantized_modules
+    from ..compress.linear import quantized_modules
     from .compressed_tensors import write_checkpoint
     from .hub import folder_bytes, write_card
     from .lorc_adapter import ADAPTER_DIR

@@ -31,7 +31,7 @@ from ..errors import IncompatibleModelError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..quant.grid import QuantizedWeight, QuantSpec
+    from ..compress.grid import QuantizedWeight, QuantSpec
 
 logger = logging.getLogger("hf_memkit")
 
@@ -180,7 +180,7 @@ def write_checkpoint(model: Any, out_dir: str, *, verify: bool = True) -> dict[s
     folder that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads. Returns what was written."""
     import torch
 
-    from ..quant.linear import quantized_modules
+    from ..compress.linear import quantized_modules
 
     quantized = quantized_modules(model)
     if not quantized:

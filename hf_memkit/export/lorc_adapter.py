@@ -19,7 +19,7 @@ def write_lorc_adapter(model: Any, out_dir: str, *, base_model: str | None = Non
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from ..quant.linear import lorc_factors
+    from ..compress.linear import lorc_factors
 
     found = []
     for name, m in model.named_modules():

@@ -72,7 +72,7 @@ def write_sparse_checkpoint(model: Any, out_dir: str, *, layout: str = "dense") 
     import compressed_tensors
 
     from ..prune import sparse24
-    from ..quant.linear import quantized_modules
+    from ..compress.linear import quantized_modules
 
     if layout not in LAYOUTS:
         raise IncompatibleModelError(f"sparse_layout {layout!r} is not one of {', '.join(LAYOUTS)}")

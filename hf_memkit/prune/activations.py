@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..quant.calibration import CalibrationData
+    from ..compress.calibration import CalibrationData
 
 
 @contextmanager
@@ -23,7 +23,7 @@ def _hooks(handles: list):
 def _run(model: Any, calib: "CalibrationData") -> None:
     import torch
 
-    from ..quant.layerwise import model_device
+    from ..compress.layerwise import model_device
 
     device = model_device(model)
     was = model.training

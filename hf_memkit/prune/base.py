@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ..compress.capabilities import PRUNER
 from ..compress.technique import CompressTechnique
-from ..quant.fields import CalibrationFields
+from ..compress.fields import CalibrationFields
 from ..technique import TechniqueConfig
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import IncompatibleModelError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..quant.calibration import CalibrationData
+    from ..compress.calibration import CalibrationData
 
 logger = logging.getLogger("hf_memkit")
 
@@ -32,7 +32,7 @@ def prune_model_(model: Any, name: str, config: Any = None, *, calibration: "Cal
     if capability(name, "calibrated", False) and (calibration is None or not calibration.batches):
         raise IncompatibleModelError(
             f"{key}: {name} needs calibration data and none was given; pass calibration= (see "
-            "hf_memkit.quant.calibration.from_corpus)")
+            "hf_memkit.compress.calibration.from_corpus)")
     t0 = time.perf_counter()
     if capability(name, "leaves_nm", False):
         report = semi_structured_prune_(model, name, config, calibration, key)

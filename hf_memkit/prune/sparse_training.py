@@ -95,7 +95,7 @@ class SparseTrainingTechnique(OptimizerTechnique):
 
     # 3
     def patch_model(self, model: Any) -> PatchHandle:
-        from ..quant.linear import remove_lorc_
+        from ..compress.linear import remove_lorc_
         from . import sparse_linear as sl
         from .masks import magnitude_scores, nm_mask
         from .targets import sparse_targets, unmark_sparse_
@@ -250,7 +250,7 @@ class SparseTrainingTechnique(OptimizerTechnique):
         """2 fp32 moments per trainable element (the extra parameters' included), a bool mask per pruned weight
         (a buffer: counted with the weights), and the frozen teacher (its own category: it is not part of the
         trained model). Distillation keeps the student's and the teacher's fp32 log-probabilities for backward."""
-        from ..quant.linear import matches
+        from ..compress.linear import matches
 
         tied = set(mem.aliases.values())
         for info in list(mem.params.values()):
@@ -280,7 +280,7 @@ class SparseTrainingTechnique(OptimizerTechnique):
     def finalize(self, model: Any, output_dir: str) -> None:
         import torch
 
-        from ..quant.linear import set_lorc_
+        from ..compress.linear import set_lorc_
         from . import sparse_linear as sl
         from .masks import nm_mask
         from .targets import mark_sparse_

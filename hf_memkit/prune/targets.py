@@ -14,7 +14,7 @@ MASK_ATTR = "memkit_sparsity_mask"
 
 def sparse_targets(model: Any, skip: Iterable[str], key: str, m: int = 4) -> dict[str, Any]:
     """Every plain ``nn.Linear`` not in ``skip``; each input width must be a multiple of ``m``."""
-    from ..quant.linear import target_linears
+    from ..compress.linear import target_linears
 
     targets = target_linears(model, skip)
     if not targets:

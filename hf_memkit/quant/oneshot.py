@@ -108,7 +108,7 @@ def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log
         for pname, pcfg in plan.pruners:
             from ..compress.capabilities import capability
             from ..prune.pipeline import prune_model_
-            from .calibration import from_corpus
+            from ..compress.calibration import from_corpus
 
             pcal = from_corpus(tok, pcfg.num_samples, pcfg.seq_len) if capability(pname, "calibrated") else None
             if pcal is not None:
@@ -118,7 +118,7 @@ def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log
             qname, qcfg = plan.quantizer_or_default()
             calib = None
             if plan.quantizer_calibrated():
-                from .calibration import from_corpus
+                from ..compress.calibration import from_corpus
 
                 calib = from_corpus(tok, qcfg.num_samples, qcfg.seq_len)
                 log(f"hf_memkit: calibration: {calib.describe()}")

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import IncompatibleModelError
-from .linear import is_quantized, require_targets, set_lorc_, set_quantized_
+from ..compress.linear import is_quantized, require_targets, set_lorc_, set_quantized_
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .calibration import CalibrationData
+    from ..compress.calibration import CalibrationData
 
 logger = logging.getLogger("hf_memkit")
 
@@ -71,7 +71,7 @@ def check_model(model: Any, quantizer: str, config: Any, key: str | None = None)
     from ..compress.capabilities import capability
 
     if capability(quantizer, "calibrated", False):
-        from .layerwise import find_blocks
+        from ..compress.layerwise import find_blocks
 
         find_blocks(model, key)
     return targets
@@ -95,7 +95,7 @@ def quantize_model_(model: Any, quantizer: str = "rtn", config: Any = None, *, l
     if capability(quantizer, "calibrated", False) and (calibration is None or not calibration.batches):
         raise IncompatibleModelError(
             f"{key}: {quantizer} needs calibration data and none was given; pass calibration= (see "
-            "hf_memkit.quant.calibration.from_corpus), or use rtn, which needs none"
+            "hf_memkit.compress.calibration.from_corpus), or use rtn, which needs none"
         )
     report = PassReport(quantizer, config.spec().to_dict(),
                         lorc.model_dump() if lorc is not None else None,
@@ -135,7 +135,7 @@ def _lorc_step(lorc: Any, report: PassReport) -> OnLayer:
 
 
 def _rtn_pass_(targets: dict[str, Any], config: Any, report: PassReport, on_layer: OnLayer | None) -> None:
-    from .grid import rtn_quantize
+    from ..compress.grid import rtn_quantize
 
     spec = config.spec()
     for name, m in targets.items():
@@ -149,7 +149,7 @@ def _rtn_pass_(targets: dict[str, Any], config: Any, report: PassReport, on_laye
 def _gptq_pass_(model: Any, targets: dict[str, Any], config: Any, calibration: "CalibrationData",
                 report: PassReport, on_layer: OnLayer | None, key: str) -> None:
     from .gptq.gptq import HessianAccumulator, gptq_quantize
-    from .layerwise import block_outputs, capture_block_inputs, find_blocks
+    from ..compress.layerwise import block_outputs, capture_block_inputs, find_blocks
     from .progress import blocks_progress
 
     spec = config.spec()

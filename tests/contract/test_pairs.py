@@ -99,7 +99,7 @@ def _lorc_base_stays_quantized(trainer, technique, dense):
     """Every LoRC layer's base is still only its integer codes (the dense storage released), and the codes
     still are the RTN grid of the original weight: |Ŵ - W| within half a step per group."""
     from hf_memkit.adapters.lorc.layers import LorcLinear
-    from hf_memkit.quant.grid import dequantize, expand_groups
+    from hf_memkit.compress.grid import dequantize, expand_groups
 
     want = dict(dense.named_parameters())
     layers = [(n, m) for n, m in trainer.model.named_modules() if isinstance(m, LorcLinear)]

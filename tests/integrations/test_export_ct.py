@@ -20,8 +20,8 @@ from hf_memkit.export.compressed_tensors import (
     unpack_codes,
 )
 from hf_memkit.export.checkpoint import export_model
-from hf_memkit.quant.grid import QuantSpec, storage_bits
-from hf_memkit.quant.linear import quantized_modules
+from hf_memkit.compress.grid import QuantSpec, storage_bits
+from hf_memkit.compress.linear import quantized_modules
 from hf_memkit.recipe import ExportConfig
 from tests.conftest import make_args
 
@@ -43,7 +43,7 @@ def test_pack_then_unpack_is_exact(bits, shape):
 def _quantized(tiny_path, tiny_tokenizer, quantizer, settings, lorc=None):
     from transformers import AutoModelForCausalLM
 
-    from hf_memkit.quant.calibration import from_corpus
+    from hf_memkit.compress.calibration import from_corpus
     from hf_memkit.quant.lorc.config import LorcCompensatorConfig
     from hf_memkit.quant.pipeline import default_config, quantize_model_
 

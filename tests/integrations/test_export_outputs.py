@@ -339,7 +339,7 @@ def test_structured_pruning_after_training_works_on_a_copy(tiny_model, tiny_data
 
 def test_a_failing_compress_pass_still_restores_the_trained_model(tiny_model):
     from hf_memkit.compress.plan import Plan
-    from hf_memkit.quant.linear import quantized_modules
+    from hf_memkit.compress.linear import quantized_modules
     from hf_memkit.compress.aside import compress_aside
     from hf_memkit.quant.pipeline import quantize_model_
     from hf_memkit.recipe import load_recipe

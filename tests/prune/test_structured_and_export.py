@@ -10,7 +10,7 @@ import torch
 from hf_memkit.errors import IncompatibleModelError
 from hf_memkit.prune.masks import nm_counts
 from hf_memkit.prune.pipeline import prune_model_
-from hf_memkit.quant.calibration import from_corpus
+from hf_memkit.compress.calibration import from_corpus
 
 LOAD = r"""
 import sys, torch

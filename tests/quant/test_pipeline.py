@@ -10,7 +10,7 @@ import torch
 
 from hf_memkit import MemkitTrainer, load_recipe
 from hf_memkit.errors import IncompatibleModelError, RecipeError
-from hf_memkit.quant.linear import quantized_modules
+from hf_memkit.compress.linear import quantized_modules
 from hf_memkit.quant.pipeline import quantize_model_
 from tests.conftest import make_args
 

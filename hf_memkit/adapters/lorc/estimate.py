@@ -8,7 +8,7 @@ from typing import Any
 
 def estimate_lorc(mem: Any, cfg: Any) -> None:
     from ...integrations.anatomy import peft_matches
-    from ...quant.grid import QuantSpec
+    from ...compress.grid import QuantSpec
 
     mem.freeze_all()
     d = mem.dtype_bytes

@@ -9,9 +9,9 @@ from typing import Any
 
 
 def to_quantized_model(peft_model: Any) -> Any:
-    """A copy of the base model whose targeted Linears are quantized the way :mod:`hf_memkit.quant.linear`
+    """A copy of the base model whose targeted Linears are quantized the way :mod:`hf_memkit.compress.linear`
     describes (dequantized weight + codes, LoRC factors with the scaling folded in)."""
-    from ...quant.linear import set_lorc_, set_quantized_
+    from ...compress.linear import set_lorc_, set_quantized_
     from .layers import LorcLinear
 
     work = copy.deepcopy(peft_model)

@@ -16,7 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...quant.grid import QuantizedWeight, QuantSpec, dequantize
+from ...compress.grid import QuantizedWeight, QuantSpec, dequantize
 
 
 class DequantLinear(torch.autograd.Function):
@@ -80,7 +80,7 @@ class LorcLinear(nn.Module, BaseTunerLayer):
         self.scaling[adapter_name] = s
         self.set_adapter(self.active_adapters)
 
-    def quantized(self) -> QuantizedWeight:  # not `quantized_weight`: quant.linear would take this for a
+    def quantized(self) -> QuantizedWeight:  # not `quantized_weight`: compress.linear would take this for a
         # post-training quantized module
         return QuantizedWeight(self.lorc_codes, self.lorc_scale, self.lorc_zero, self.spec)
 
@@ -96,7 +96,7 @@ class LorcLinear(nn.Module, BaseTunerLayer):
                 continue
             A, B = self.lorc_A[name], self.lorc_B[name]
             h = self.lorc_dropout[name](x).to(A.weight.dtype)
-            # same two matmuls, same order, as quant.linear's LoRC hook and a PEFT LoRA layer
+            # same two matmuls, same order, as compress.linear's LoRC hook and a PEFT LoRA layer
             branch = B(A(h))
             y = y + (branch if self.scaling[name] == 1 else branch * self.scaling[name]).to(y.dtype)
         return y

@@ -67,7 +67,7 @@ class LorcAdapterTechnique(Technique):
             saved = load_file(path)
             with torch.no_grad():
                 for n, m in linears.items():
-                    from ...quant.linear import clear_quantized_
+                    from ...compress.linear import clear_quantized_
 
                     clear_quantized_(m)
                     m.weight.data = saved[n].to(m.weight.device)

@@ -24,7 +24,7 @@ class LorcModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def _prepare_model(self, peft_config: Any, model: Any) -> None:
-        from ...quant.linear import is_quantized
+        from ...compress.linear import is_quantized
 
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
         targets = {n: m for n, m in model.named_modules()
@@ -54,7 +54,7 @@ class LorcModel(BaseTuner):
         key = "LorcConfig"
         calib = None
         if cfg.quantizer == "gptq":
-            from ...quant.calibration import resolve
+            from ...compress.calibration import resolve
 
             qcfg = GPTQConfig(**common, calibration="corpus", num_samples=cfg.num_samples, seq_len=cfg.seq_len)
             calib = resolve("corpus", key=key, num_samples=cfg.num_samples, seq_len=cfg.seq_len, model=model)
@@ -65,7 +65,7 @@ class LorcModel(BaseTuner):
 
     def _create_and_replace(self, peft_config: Any, adapter_name: str, target: Any, target_name: str, parent: Any,
                             current_key: str, **kwargs) -> None:
-        from ...quant.linear import clear_quantized_, lorc_factors, quantized_weight
+        from ...compress.linear import clear_quantized_, lorc_factors, quantized_weight
 
         if isinstance(target, LorcLinear):
             target.update_layer(adapter_name, peft_config)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import IncompatibleModelError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ...quant.calibration import CalibrationData
+    from ...compress.calibration import CalibrationData
 
 
 @dataclass

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import blocks_progress
-from ..layerwise import BlockInputs, block_outputs, capture_block_inputs, find_blocks, run_block
-from ..linear import set_quantized_
+from ...compress.layerwise import BlockInputs, block_outputs, capture_block_inputs, find_blocks, run_block
+from ...compress.linear import set_quantized_
 from .quantizer import FakeQuantLinear, quant_params
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..calibration import CalibrationData
+    from ...compress.calibration import CalibrationData
     from ..pipeline import PassReport
 
 logger = logging.getLogger("hf_memkit")

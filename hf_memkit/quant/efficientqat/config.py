@@ -3,7 +3,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ...technique import TechniqueConfig
-from ..fields import CalibrationFields, WeightQuantFields
+from ...compress.fields import CalibrationFields, WeightQuantFields
 
 
 class BlockAPConfig(CalibrationFields, WeightQuantFields):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..grid import QuantizedWeight, QuantSpec, dequantize
+from ...compress.grid import QuantizedWeight, QuantSpec, dequantize
 
 
 class _DequantLinear(torch.autograd.Function):

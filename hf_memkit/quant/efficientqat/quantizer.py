@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..grid import QuantizedWeight, QuantSpec, fit_group_params, quantize_with_params, store_params
+from ...compress.grid import QuantizedWeight, QuantSpec, fit_group_params, quantize_with_params, store_params
 
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # the reference clamps to [1e-4, 1e4] in fp16; fp32 here allows finer scales
 

@@ -79,8 +79,8 @@ class E2EQPTechnique(CompressTechnique):
     def patch_model(self, model: Any) -> PatchHandle:
         import torch
 
-        from ..grid import rtn_quantize
-        from ..linear import quantized_weight, require_targets
+        from ...compress.grid import rtn_quantize
+        from ...compress.linear import quantized_weight, require_targets
         from .qlinear import QuantLinear
 
         spec, skip = self._grid()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from ..fields import CalibrationFields, WeightQuantFields
+from ...compress.fields import CalibrationFields, WeightQuantFields
 
 
 class GPTQConfig(CalibrationFields, WeightQuantFields):

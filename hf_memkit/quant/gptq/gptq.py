@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...errors import IncompatibleModelError
-from ..grid import QuantizedWeight, QuantSpec, fit_group_params, fit_params, store_params
+from ...compress.grid import QuantizedWeight, QuantSpec, fit_group_params, fit_params, store_params
 from ..threads import single_thread
 
 if TYPE_CHECKING:  # pragma: no cover

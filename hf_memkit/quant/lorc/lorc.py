@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..grid import QuantSpec, dequantize, rtn_quantize
+from ...compress.grid import QuantSpec, dequantize, rtn_quantize
 from ..threads import single_thread
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..fields import WeightQuantFields
+from ...compress.fields import WeightQuantFields
 
 
 class RTNConfig(WeightQuantFields):

@@ -11,7 +11,7 @@ import torch
 import hf_memkit
 from hf_memkit import IncompatibleModelError, RecipeError, load_recipe
 from hf_memkit.adapters.lorc.layers import LorcLinear
-from hf_memkit.quant.grid import QuantSpec, rtn_quantize
+from hf_memkit.compress.grid import QuantSpec, rtn_quantize
 from hf_memkit.quant.lorc.lorc import lorc_factors
 
 

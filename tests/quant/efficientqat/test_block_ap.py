@@ -6,7 +6,7 @@ import torch
 
 from hf_memkit.quant.efficientqat.config import BlockAPConfig
 from hf_memkit.quant.efficientqat.quantizer import FakeQuantLinear
-from hf_memkit.quant.grid import QuantSpec, rtn_quantize
+from hf_memkit.compress.grid import QuantSpec, rtn_quantize
 
 
 def _linear(out=8, cols=64, seed=0):
@@ -49,8 +49,8 @@ def test_symmetric_grid_keeps_its_zero_point_fixed():
 def test_block_reconstruction_beats_the_rtn_initialisation(tiny_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from hf_memkit.quant.calibration import from_corpus
-    from hf_memkit.quant.linear import quantized_modules
+    from hf_memkit.compress.calibration import from_corpus
+    from hf_memkit.compress.linear import quantized_modules
     from hf_memkit.quant.pipeline import quantize_model_
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_memkit.quant.efficientqat.qlinear import QuantLinear
-from hf_memkit.quant.grid import QuantSpec, rtn_quantize
+from hf_memkit.compress.grid import QuantSpec, rtn_quantize
 
 
 def _quant_linear(bias=True):
@@ -44,7 +44,7 @@ def test_backward_saves_only_the_input():
 
 def test_patch_trains_only_scales_and_remove_restores(tiny_model):
     from hf_memkit.quant.efficientqat.technique import E2EQPTechnique
-    from hf_memkit.quant.linear import quantized_modules
+    from hf_memkit.compress.linear import quantized_modules
 
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     handle = E2EQPTechnique().patch_model(tiny_model)
@@ -67,7 +67,7 @@ def test_e2e_after_a_quantizer_trains_that_quantizers_grid(tiny_model, tmp_path)
 
     recipe = load_recipe({"compress": [{"rtn": {"bits": 2, "group_size": 32}}, {"e2e_qp": {}}]})
     model, _, runtime = prepare(tiny_model, None, recipe)
-    from hf_memkit.quant.linear import quantized_modules
+    from hf_memkit.compress.linear import quantized_modules
 
     specs = {qw.spec for _n, m, qw in quantized_modules(model) if isinstance(m, QuantLinear)}
     assert specs == {QuantSpec(2, 32)}

@@ -8,7 +8,7 @@ import torch
 from hf_memkit import load_recipe
 from hf_memkit.errors import IncompatibleModelError, RecipeError
 from hf_memkit.quant.gptq.gptq import HessianAccumulator, gptq_quantize
-from hf_memkit.quant.grid import QuantSpec, rtn_quantize
+from hf_memkit.compress.grid import QuantSpec, rtn_quantize
 
 
 def _w(out=32, cols=128, seed=0):

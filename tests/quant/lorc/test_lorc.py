@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_memkit.quant.grid import QuantSpec, rtn_quantize
+from hf_memkit.compress.grid import QuantSpec, rtn_quantize
 from hf_memkit.quant.lorc.lorc import lorc_factors
 
 
@@ -65,7 +65,7 @@ def test_compensation_lowers_the_layer_output_error():
 
 
 def test_lorc_on_a_model_adds_a_branch_y_plus_a_bx(tiny_model):
-    from hf_memkit.quant.linear import lorc_factors as branch_of
+    from hf_memkit.compress.linear import lorc_factors as branch_of
     from hf_memkit.quant.lorc.config import LorcCompensatorConfig
     from hf_memkit.quant.pipeline import quantize_model_
 

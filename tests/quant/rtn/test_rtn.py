@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from hf_memkit.quant.grid import QuantSpec, rtn_quantize
-from hf_memkit.quant.linear import quantized_modules
+from hf_memkit.compress.grid import QuantSpec, rtn_quantize
+from hf_memkit.compress.linear import quantized_modules
 from hf_memkit.quant.rtn.config import RTNConfig
 from hf_memkit.quant.rtn.technique import RTNTechnique
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_memkit.errors import IncompatibleModelError
-from hf_memkit.quant.grid import QuantSpec, dequantize, fit_params, rtn_quantize
+from hf_memkit.compress.grid import QuantSpec, dequantize, fit_params, rtn_quantize
 
 SPECS = [QuantSpec(b, g, s) for b in (2, 3, 4, 8) for g in (None, 32) for s in (False, True)]
 
