@@ -115,9 +115,9 @@ class Plan:
     def quantizer_or_default(self) -> tuple[str, Any]:
         if self.quantizer is not None:
             return self.quantizer
-        from ..quant.pipeline import default_config
+        from .passes import config_for
 
-        return "rtn", default_config("rtn")
+        return "rtn", config_for("rtn")
 
     def quantizer_calibrated(self) -> bool:
         """Does the quantizer the plan runs (rtn when none is listed) need calibration data?"""

@@ -85,6 +85,18 @@ class CompressTechnique(Technique):
     #: before training, the pass trains every weight of the decoder blocks (norms included), not only the Linears
     trains_blocks: ClassVar[bool] = False
 
+    @classmethod
+    def run_pass(cls, model: Any, config: Any, *, calibration: Any = None, lorc: Any = None,
+                 key: str | None = None) -> Any:
+        """Run this technique's pass on ``model`` in place and return its report (see :mod:`.passes`)."""
+        raise IncompatibleModelError(f"compress.{cls.name} has no pass of its own to run on a model; it joins a "
+                                     "quantizer's pass in a recipe")
+
+    @classmethod
+    def check_targets(cls, model: Any, config: Any, key: str) -> dict[str, Any]:
+        """The Linears the pass would change, checked before any weight moves; raises IncompatibleModelError."""
+        return {}
+
     def __init__(self, config: Any = None):
         super().__init__(config)
         self._plan: Plan | None = None
@@ -135,11 +147,11 @@ class CompressTechnique(Technique):
             meta = meta_model(model_config)
         except Exception:  # an architecture the Auto classes cannot build: the pass checks the real model
             return
-        from ..quant.pipeline import check_model
+        from .passes import check_pass
 
         key = f"compress.{qname}" if self.plan.quantizer is not None or qname == self.name else (
             f"compress.{self.name} (which starts from rtn's default grid; list a quantizer before it to choose one)")
-        targets = check_model(meta, qname, qcfg, key)
+        targets = check_pass(qname, meta, qcfg, key)
         export = self.plan.export
         if export is not None and export.format == "compressed-tensors":
             from ..export.compressed_tensors import check_loadable
@@ -201,9 +213,9 @@ class CompressTechnique(Technique):
         import torch
 
         from .linear import clear_quantized_
-        from ..quant.pipeline import check_model, quantize_model_
+        from .passes import check_pass, run_pass
 
-        targets = check_model(model, self.name, self.config, self.key)
+        targets = check_pass(self.name, model, self.config, self.key)
         calib = self.calibration_data(model, self.config, self.key) if self.calibrated else None
         touched = set(targets)
         if self.trains_blocks:  # every weight of the blocks changes, norms included
@@ -213,7 +225,7 @@ class CompressTechnique(Technique):
             touched |= {n for n, _ in model.named_modules() if n.startswith(prefix + ".")}
         saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                  if n.rpartition(".")[0] in touched}
-        self.report = quantize_model_(model, self.name, self.config, calibration=calib, key=self.key)
+        self.report = run_pass(self.name, model, self.config, calibration=calib, key=self.key)
         model._memkit_compress_report = self.report
 
         def undo():
@@ -231,19 +243,18 @@ class CompressTechnique(Technique):
     def finalize(self, model: Any, output_dir: str) -> None:
         plan = self.plan
         if plan.stage == "after" and self.name == plan.leader:
-            from ..prune.pipeline import prune_model_
-            from ..quant.pipeline import PassReport, quantize_model_
+            from .passes import PassReport, run_pass
 
             prune_reports = {}
             for pname, pcfg in plan.pruners:
                 pkey = f"compress.{pname}"
                 pcal = self.calibration_data(model, pcfg, pkey) if capability(pname, "calibrated", False) else None
-                prune_reports[pname] = prune_model_(model, pname, pcfg, calibration=pcal, key=pkey)
+                prune_reports[pname] = run_pass(pname, model, pcfg, calibration=pcal, key=pkey)
             if plan.has_quant:
                 qname, qcfg = plan.quantizer_or_default()
                 key = f"compress.{qname}"
                 calib = self.calibration_data(model, qcfg, key) if plan.quantizer_calibrated() else None
-                self.report = quantize_model_(model, qname, qcfg, lorc=plan.lorc, calibration=calib, key=key)
+                self.report = run_pass(qname, model, qcfg, lorc=plan.lorc, calibration=calib, key=key)
             else:
                 self.report = PassReport("none", {})
             self.report.layers.update({f"prune:{k}": v for k, v in prune_reports.items()})

@@ -11,7 +11,7 @@ _LAZY = {
     "Cosmos": "hf_memkit.optim.cosmos.optimizer",
     "Fira": "hf_memkit.optim.fira.optimizer",
     "SST": "hf_memkit.optim.sst.optimizer",
-    "GradientRelease": "hf_memkit.optim.release.optimizer",
+    "GradientRelease": "hf_memkit.optimizer_slot.release.optimizer",
 }
 
 __all__ = list(_LAZY)
@@ -19,7 +19,7 @@ __all__ = list(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover
     from .cosmos.optimizer import Cosmos
     from .fira.optimizer import Fira
-    from .release.optimizer import GradientRelease
+    from ..optimizer_slot.release.optimizer import GradientRelease
     from .sst.optimizer import SST
 
 

@@ -13,7 +13,7 @@ toggles (CCE, gradient release) are taken as time-neutral, which the rows do not
 
 Gradient release is part of the key a prior is found by, beside the family: under ``max_grad_norm`` (the
 Trainer's default, 1.0, which ``memkit train`` and planned recipes keep) a released step clips each parameter's
-gradient on its own (:mod:`hf_memkit.optim.release`), so its result is not the plain step's. Measured
+gradient on its own (:mod:`hf_memkit.optimizer_slot.release`), so its result is not the plain step's. Measured
 2026-12-07, full bf16 (stochastic rounding) + 8-bit AdamW + CCE + checkpointing, 40 steps: eval ppl 7.724 with
 release, 7.542 without. A candidate with release is ranked only by a row that ran with release, and one without
 by a row without.

@@ -33,6 +33,17 @@ class PruneTechnique(CompressTechnique):
                         "(export: {format: safetensors, merge_adapters: true}), then prune the merged folder",
     }
 
+    @classmethod
+    def run_pass(cls, model: Any, config: Any, *, calibration: Any = None, lorc: Any = None,
+                 key: str | None = None) -> dict[str, Any]:
+        from ..errors import IncompatibleModelError
+        from .pipeline import prune_model_
+
+        if lorc is not None:
+            raise IncompatibleModelError(f"compress.{cls.name}: LoRC compensates a quantizer's rounding, not a "
+                                         "pruning pass; give lorc to the quantizer's pass")
+        return prune_model_(model, cls.name, config, calibration=calibration, key=key)
+
     def estimate(self, mem: Any) -> None:
         """Post-training passes leave training memory as it is."""
 

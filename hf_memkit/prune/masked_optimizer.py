@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..optim.common.fp32_adamw import FP32StateOptimizer
+from ..optimizer_slot.fp32_adamw import FP32StateOptimizer
 
 
 class MaskedWeightOptimizer(FP32StateOptimizer):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from ..errors import IncompatibleModelError, RecipeError
-from ..optim.base import OptimizerTechnique
+from ..optimizer_slot.technique import OptimizerTechnique
 from ..technique import PatchHandle, TechniqueConfig, ValidationContext
 
 logger = logging.getLogger("hf_memkit")

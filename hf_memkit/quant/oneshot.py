@@ -97,8 +97,8 @@ def _check_not_source(path: Any, output_dir: str, overwrite: bool) -> None:
 
 
 def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log) -> tuple:
+    from ..compress.passes import run_pass
     from .evaluate import corpus_perplexity
-    from .pipeline import quantize_model_
 
     ppl_fp = corpus_perplexity(net, tok) if evaluate else None
     if ppl_fp is not None:
@@ -106,14 +106,13 @@ def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log
     if plan.e2e is None:
         report = {}
         for pname, pcfg in plan.pruners:
-            from ..compress.capabilities import capability
-            from ..prune.pipeline import prune_model_
             from ..compress.calibration import from_corpus
+            from ..compress.capabilities import capability
 
             pcal = from_corpus(tok, pcfg.num_samples, pcfg.seq_len) if capability(pname, "calibrated") else None
             if pcal is not None:
                 log(f"hf_memkit: calibration: {pcal.describe()}")
-            report[pname] = prune_model_(net, pname, pcfg, calibration=pcal)
+            report[pname] = run_pass(pname, net, pcfg, calibration=pcal)
         if plan.has_quant:
             qname, qcfg = plan.quantizer_or_default()
             calib = None
@@ -122,7 +121,7 @@ def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log
 
                 calib = from_corpus(tok, qcfg.num_samples, qcfg.seq_len)
                 log(f"hf_memkit: calibration: {calib.describe()}")
-            report.update(quantize_model_(net, qname, qcfg, lorc=plan.lorc, calibration=calib).to_dict())
+            report.update(run_pass(qname, net, qcfg, lorc=plan.lorc, calibration=calib).to_dict())
     else:
         net, report = _train_e2e(net, tok, recipe, plan, log)
     ppl_q = corpus_perplexity(net, tok) if evaluate else None

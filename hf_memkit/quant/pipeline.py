@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import IncompatibleModelError
 from ..compress.linear import is_quantized, require_targets, set_lorc_, set_quantized_
+from ..compress.passes import PassReport
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -22,21 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("hf_memkit")
 
-
-
-@dataclass
-class PassReport:
-    quantizer: str
-    spec: dict[str, Any]
-    lorc: dict[str, Any] | None = None
-    calibration: str = "none"
-    seconds: float = 0.0
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    blocks: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quantizer": self.quantizer, "spec": self.spec, "lorc": self.lorc, "calibration": self.calibration,
-                "seconds": round(self.seconds, 2), "layers": self.layers, "blocks": self.blocks}
 
 
 def default_config(name: str) -> Any:

@@ -1,7 +1,8 @@
 """``LorcModel``: the PEFT tuner of the LORC type (registered by :mod:`hf_memkit.integrations.peft_types`).
 
 Before the layers are replaced, the targeted Linears are quantized in one pass by
-:func:`hf_memkit.quant.pipeline.quantize_model_` (RTN, or GPTQ calibrated on the embedded corpus) with the LoRC
+:func:`hf_memkit.quant.pipeline.quantize_model_` (RTN, or GPTQ calibrated on the embedded corpus; run by name
+through :func:`hf_memkit.compress.passes.run_pass`) with the LoRC
 step of the quantization issue, which leaves codes and SVD factors on each Linear; each is then wrapped in a
 :class:`~.layers.LorcLinear` that takes them over. A model already quantized by hf_memkit (``compress`` pass or
 ``quantize_model_``) is adopted as it is.
@@ -44,10 +45,7 @@ class LorcModel(BaseTuner):
             self._quantize(peft_config, model, targets)
 
     def _quantize(self, cfg: Any, model: Any, targets: dict[str, Any]) -> None:
-        from ...quant.gptq.config import GPTQConfig
-        from ...quant.lorc.config import LorcCompensatorConfig
-        from ...quant.pipeline import quantize_model_
-        from ...quant.rtn.config import RTNConfig
+        from ...compress.passes import config_for, run_pass
 
         skip = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in targets]
         common = dict(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, skip_modules=skip)
@@ -56,12 +54,13 @@ class LorcModel(BaseTuner):
         if cfg.quantizer == "gptq":
             from ...compress.calibration import resolve
 
-            qcfg = GPTQConfig(**common, calibration="corpus", num_samples=cfg.num_samples, seq_len=cfg.seq_len)
+            qcfg = config_for("gptq", **common, calibration="corpus", num_samples=cfg.num_samples,
+                              seq_len=cfg.seq_len)
             calib = resolve("corpus", key=key, num_samples=cfg.num_samples, seq_len=cfg.seq_len, model=model)
         else:
-            qcfg = RTNConfig(**common)
-        lorc = LorcCompensatorConfig(rank=cfg.r, factor_bits=cfg.factor_bits)
-        quantize_model_(model, cfg.quantizer, qcfg, lorc=lorc, calibration=calib, key=key)
+            qcfg = config_for("rtn", **common)
+        lorc = config_for("lorc", rank=cfg.r, factor_bits=cfg.factor_bits)
+        run_pass(cfg.quantizer, model, qcfg, lorc=lorc, calibration=calib, key=key)
 
     def _create_and_replace(self, peft_config: Any, adapter_name: str, target: Any, target_name: str, parent: Any,
                             current_key: str, **kwargs) -> None:

@@ -4,7 +4,7 @@ from pydantic import Field
 
 from ...config_types import Betas
 from ...technique import TechniqueConfig
-from ..release.config import ReleaseClipping, clipping_field, release_field
+from ...optimizer_slot.release.config import ReleaseClipping, clipping_field, release_field
 
 
 class AdamWConfig(TechniqueConfig):
@@ -17,7 +17,7 @@ class AdamWConfig(TechniqueConfig):
     ``torch.optim.AdamW(params, lr, betas, eps, weight_decay)``. Not for memory-tight full fine-tunes: it keeps
     8 bytes of state per trainable parameter (use ``adamw_8bit`` or an adapter).
 
-    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact, AdamW
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optimizer_slot.release`): supported and exact, AdamW
     updates each tensor from its own gradient and moments; clipping becomes per-parameter (see there).
     """
 

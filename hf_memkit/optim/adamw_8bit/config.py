@@ -4,7 +4,7 @@ from pydantic import Field
 
 from ...config_types import Betas
 from ...technique import TechniqueConfig
-from ..release.config import ReleaseClipping, clipping_field, release_field
+from ...optimizer_slot.release.config import ReleaseClipping, clipping_field, release_field
 
 
 class AdamW8bitConfig(TechniqueConfig):
@@ -19,7 +19,7 @@ class AdamW8bitConfig(TechniqueConfig):
     (about 2 bytes/param instead of 8). Not for tiny models where every tensor is below ``min_8bit_size``
     (nothing is saved) nor where bit-exact reproducibility with fp32 AdamW is required.
 
-    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact,
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optimizer_slot.release`): supported and exact,
     bitsandbytes quantizes and updates each tensor's state on its own; clipping becomes per-parameter.
     """
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ...errors import RecipeError
-from ..base import OptimizerTechnique
+from ...optimizer_slot.technique import OptimizerTechnique
 from .config import AdamW8bitConfig
 
 BLOCK = 256  # bitsandbytes' block size for optimizer-state quantization

@@ -1,1 +1,1 @@
-"""Pieces shared by the optimizer techniques: target-matrix selection and the fp32-state AdamW branch."""
+"""Target-matrix selection shared by the optimizer techniques (COSMOS, Fira, SST)."""

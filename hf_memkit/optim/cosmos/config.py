@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
-from ..release.config import ReleaseClipping, clipping_field, release_field
+from ...optimizer_slot.release.config import ReleaseClipping, clipping_field, release_field
 
 
 class CosmosConfig(TechniqueConfig):
@@ -29,7 +29,7 @@ class CosmosConfig(TechniqueConfig):
     or matrices narrower than the rank (the SOAP part then covers everything and COSMOS reduces to a
     normalised SOAP step with full-size state).
 
-    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact, each
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optimizer_slot.release`): supported and exact, each
     hidden matrix's update reads only its own gradient and state (M, P, S, Vsq), the rest is AdamW; clipping
     becomes per-parameter.
     """

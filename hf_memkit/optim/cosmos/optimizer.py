@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..common.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
+from ...optimizer_slot.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 _TINY = 1e-30

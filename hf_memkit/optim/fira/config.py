@@ -4,7 +4,7 @@ from pydantic import Field
 
 from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
-from ..release.config import ReleaseClipping, clipping_field, release_field
+from ...optimizer_slot.release.config import ReleaseClipping, clipping_field, release_field
 
 
 class FiraConfig(TechniqueConfig):
@@ -24,7 +24,7 @@ class FiraConfig(TechniqueConfig):
     Not for: adapters (nothing full-rank to project), DeepSpeed/FSDP (the SVD needs whole gradients), or very
     short fine-tunes where the per-gap SVD costs more than the memory saved is worth.
 
-    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optim.release`): supported and exact, the
+    Gradient release (``gradient_release: true``, :mod:`hf_memkit.optimizer_slot.release`): supported and exact, the
     projection, the low-rank moments and the limiter's norm belong to one matrix. Clipping becomes per-parameter
     (the recipe above clips globally to 1.0; with release each matrix is clipped to 1.0 on its own).
     """

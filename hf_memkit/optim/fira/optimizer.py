@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..common.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
+from ...optimizer_slot.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
 
 
 def projection(grad: torch.Tensor, rank: int) -> torch.Tensor:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..base import OptimizerTechnique
+from ...optimizer_slot.technique import OptimizerTechnique
 from .config import FiraConfig
 
 

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ...config_types import Betas, MAX_RANK
 from ...technique import TechniqueConfig
-from ..release.config import ReleaseClipping, clipping_field, release_field
+from ...optimizer_slot.release.config import ReleaseClipping, clipping_field, release_field
 
 
 class SSTConfig(TechniqueConfig):

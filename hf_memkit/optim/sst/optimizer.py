@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ...errors import IncompatibleModelError
-from ..common.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
+from ...optimizer_slot.fp32_adamw import FP32StateOptimizer, as_fp32, write_back_
 from .layer import SSTLinear, factorize_linears_, sample_active, sampling_probabilities, sst_layers
 
 __all__ = ["SST", "normalize_columns_", "sampling_probabilities", "sample_active", "rounds_length"]

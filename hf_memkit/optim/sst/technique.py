@@ -4,7 +4,7 @@ from typing import Any, ClassVar
 
 from ...errors import IncompatibleModelError
 from ...technique import PatchHandle
-from ..base import OptimizerTechnique
+from ...optimizer_slot.technique import OptimizerTechnique
 from .config import SSTConfig
 
 

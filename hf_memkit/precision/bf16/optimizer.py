@@ -71,7 +71,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ...ops.stochastic_round import round_into_
-from ...optim.common.narrowed import positional_overrides_hidden
+from ...optimizer_slot.narrowed import positional_overrides_hidden
 
 #: optimizer-state key of the Kahan compensation buffer (16 bits, the parameter's shape)
 KAHAN = "memkit_kahan_comp"

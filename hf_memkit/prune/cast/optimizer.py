@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ...optim.common.fp32_adamw import as_fp32, write_back_
+from ...optimizer_slot.fp32_adamw import as_fp32, write_back_
 from ..masked_optimizer import MaskedWeightOptimizer
 
 

@@ -24,7 +24,7 @@ from .quantizer import FakeQuantLinear, quant_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...compress.calibration import CalibrationData
-    from ..pipeline import PassReport
+    from ...compress.passes import PassReport
 
 logger = logging.getLogger("hf_memkit")
 

@@ -7,6 +7,7 @@ from ...errors import IncompatibleModelError
 from ...technique import PatchHandle, ValidationContext
 from ...compress.capabilities import QUANTIZER, TRAINER
 from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
+from ..technique import QuantizerTechnique
 from .config import BlockAPConfig, E2EQPConfig
 
 logger = logging.getLogger("hf_memkit")
@@ -15,7 +16,7 @@ logger = logging.getLogger("hf_memkit")
 E2E_LR_WARN = 1e-3
 
 
-class BlockAPTechnique(CompressTechnique):
+class BlockAPTechnique(QuantizerTechnique):
     name: ClassVar[str] = "block_ap"
     config_cls = BlockAPConfig
     role: ClassVar[str] = QUANTIZER

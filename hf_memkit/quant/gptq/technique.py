@@ -3,11 +3,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ...compress.capabilities import QUANTIZER
-from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
+from ...compress.technique import ADAPTER_CONFLICT
+from ..technique import QuantizerTechnique
 from .config import GPTQConfig
 
 
-class GPTQTechnique(CompressTechnique):
+class GPTQTechnique(QuantizerTechnique):
     name: ClassVar[str] = "gptq"
     config_cls = GPTQConfig
     role: ClassVar[str] = QUANTIZER

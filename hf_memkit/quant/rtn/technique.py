@@ -3,11 +3,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ...compress.capabilities import QUANTIZER
-from ...compress.technique import ADAPTER_CONFLICT, CompressTechnique
+from ...compress.technique import ADAPTER_CONFLICT
+from ..technique import QuantizerTechnique
 from .config import RTNConfig
 
 
-class RTNTechnique(CompressTechnique):
+class RTNTechnique(QuantizerTechnique):
     name: ClassVar[str] = "rtn"
     config_cls = RTNConfig
     role: ClassVar[str] = QUANTIZER

@@ -8,11 +8,11 @@ import logging
 import pytest
 import torch
 
-from hf_memkit.optim.release import find_release
+from hf_memkit.optimizer_slot.release import find_release
 from tests.conftest import make_args
 from tests.optim.cosmos import trainer_checks as checks
 from tests.optim.cosmos.trainer_checks import one_cpu_thread  # noqa: F401  (autouse fixture)
-from tests.optim.release.test_optimizer import SUPPORTED
+from tests.optimizer_slot.release.test_optimizer import SUPPORTED
 
 
 def recipe(name, **cfg):

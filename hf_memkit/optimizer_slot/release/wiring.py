@@ -1,6 +1,6 @@
 """What an optimizer technique does when its config says ``gradient_release: true``: the checks (recipe, then the
 run's real TrainingArguments), the wrapper, the Trainer's gradient norm, the start-of-training line and the
-memory estimate. :class:`hf_memkit.optim.base.OptimizerTechnique` calls these; see the package docstring."""
+memory estimate. :class:`hf_memkit.optimizer_slot.technique.OptimizerTechnique` calls these; see the package docstring."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_memkit.optim.release import GradientRelease
+from hf_memkit.optimizer_slot.release import GradientRelease
 from tests.conftest import make_args
 from tests.optim.cosmos.trainer_checks import one_cpu_thread  # noqa: F401  (autouse fixture)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..common.narrowed import positional_overrides_hidden
+from ..narrowed import positional_overrides_hidden
 
 #: attribute set on every hooked parameter: a weak reference to the wrapper that owns its hook
 _OWNER = "_memkit_gradient_release"

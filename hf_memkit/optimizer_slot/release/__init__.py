@@ -50,4 +50,4 @@ def __getattr__(name: str) -> Any:  # torch loads on first use: the registry imp
         from . import optimizer
 
         return getattr(optimizer, name)
-    raise AttributeError(f"module 'hf_memkit.optim.release' has no attribute {name!r}")
+    raise AttributeError(f"module 'hf_memkit.optimizer_slot.release' has no attribute {name!r}")
