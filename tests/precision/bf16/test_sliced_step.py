@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_memkit.optim.release.optimizer import GradientRelease
+from hf_memkit.optimizer_slot.release.optimizer import GradientRelease
 from hf_memkit.precision.bf16.optimizer import (
     BLOCK, KAHAN, STEP_CHUNK_NUMEL, RoundingRNG, WriteBack16, slice_rows)
 
