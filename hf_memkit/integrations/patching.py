@@ -40,6 +40,8 @@ from typing import Any, Callable
 from ..errors import RecipeError
 
 PARTS_ATTR = "_memkit_parts"
+#: on a module a technique put in place of another (swap_module, or a PEFT adapter's wrapper): that technique's name
+PUT_BY_ATTR = "_memkit_put_by"
 #: the instance forward that was there before the first part was claimed (or _ABSENT)
 BASE_ATTR = "_memkit_base_forward"
 
@@ -102,9 +104,11 @@ def owners(model: Any) -> dict[str, dict[str, str]]:
     """``{module name: {part: owner}}`` for every patched module of ``model``."""
     out = {}
     for name, m in model.named_modules():
-        p = parts_of(m)
+        p = {k: v.owner for k, v in parts_of(m).items()}
+        if put_by(m) is not None:
+            p["module"] = put_by(m)
         if p:
-            out[name] = {k: v.owner for k, v in p.items()}
+            out[name] = p
     return out
 
 
@@ -204,9 +208,22 @@ def strip_(model: Any) -> Any:
     return model
 
 
+def put_by(module: Any) -> str | None:
+    """The technique that put ``module`` in place of another one (None: the model's own module)."""
+    return vars(module).get(PUT_BY_ATTR)
+
+
+def mark_put_(module: Any, owner: str) -> None:
+    """Record that ``owner`` put ``module`` into the model (done by :func:`swap_module`; the PEFT wiring marks the
+    adapter wrappers PEFT puts in)."""
+    module.__dict__[PUT_BY_ATTR] = owner
+
+
 def swap_module(parent: Any, child: str, new: Any, owner: str) -> Any:
     """Put ``new`` in place of ``parent.<child>`` for ``owner`` and return the module it replaces. A module whose
-    parts another technique holds cannot be replaced: its patches would silently stop running."""
+    parts another technique holds, or that another technique put there (an adapter's wrapper, a quantized
+    layer), cannot be replaced: that technique's work would silently stop running. Undo with
+    :func:`unswap_module`."""
     old = getattr(parent, child)
     held = {p: r.owner for p, r in parts_of(old).items() if r.owner != owner}
     if held:
@@ -215,8 +232,52 @@ def swap_module(parent: Any, child: str, new: Any, owner: str) -> Any:
             f"'{owner}' would replace module {child!r} of {type(parent).__name__} ({type(old).__name__}), whose "
             f"{part!r} '{other}' has patched, and no composition of the two is declared. Fix: use one of them in "
             f"the recipe")
+    putter = put_by(old)
+    if putter is not None and putter != owner:
+        raise CompositionError(
+            f"'{owner}' would replace module {child!r} of {type(parent).__name__} ({type(old).__name__}), which "
+            f"'{putter}' put there, and no composition of the two is declared. Fix: use one of them in the recipe")
     setattr(parent, child, new)
+    mark_put_(new, owner)
     return old
+
+
+def unswap_module(parent: Any, child: str, original: Any, owner: str) -> Any:
+    """Undo :func:`swap_module`: ``original`` goes back in place of the module ``owner`` put there (unmarked, as it
+    was); returns the module taken out."""
+    current = getattr(parent, child)
+    putter = put_by(current)
+    if putter != owner:
+        raise RuntimeError(f"{owner}: module {child!r} of {type(parent).__name__} ({type(current).__name__}) was "
+                           f"put there by {putter or 'the model itself'}, not {owner}; patches come off in the "
+                           "reverse order they were applied")
+    held = {p: r.owner for p, r in parts_of(current).items() if r.owner != owner}
+    if held:
+        part, other = next(iter(held.items()))
+        raise RuntimeError(f"{owner}: module {child!r} still carries '{other}''s {part!r} patch; patches come off "
+                           "in the reverse order they were applied")
+    setattr(parent, child, original)
+    current.__dict__.pop(PUT_BY_ATTR, None)
+    return current
+
+
+@contextlib.contextmanager
+def stand_ins(model: Any, replacements: dict[str, Any]):
+    """Inside the block, each module named in ``replacements`` is replaced by its stand-in (a pass that computes
+    with modules of its own: Block-AP's fake-quantized Linears); after it, also on error, the originals are back
+    with their patches and owners untouched. Nothing is recorded, and no owner is asked: the model leaves the
+    block exactly as it came in."""
+    done = []
+    try:
+        for name, new in replacements.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            done.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, new)
+        yield
+    finally:
+        for parent, child, old in reversed(done):
+            setattr(parent, child, old)
 
 
 @contextlib.contextmanager
@@ -277,7 +338,7 @@ class Patches:
         """Swap ``parent.<child>`` for ``new`` (see :func:`swap_module`), swapped back on remove; returns the old
         module."""
         old = swap_module(parent, child, new, self.owner)
-        self._undo.append(lambda: swap_module(parent, child, old, self.owner))
+        self._undo.append(lambda: unswap_module(parent, child, old, self.owner))
         return old
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:

@@ -43,6 +43,13 @@ def wrap_with_peft(model: Any, config: Any, technique: str) -> PatchHandle:
             f"{technique} cannot patch {type(model).__name__}: {exc}. Set target_modules to module names this "
             "model has (see model.named_modules())"
         ) from None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .patching import mark_put_
+
+    for m in peft_model.modules():  # PEFT put these in: no other technique may swap them out (patching.swap_module)
+        if isinstance(m, BaseTunerLayer):
+            mark_put_(m, technique)
     if not had_input_hook and hasattr(model, "enable_input_require_grads"):
         # frozen embeddings + gradient checkpointing would otherwise cut the graph at the first layer
         model.enable_input_require_grads()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_memkit.errors import IncompatibleModelError, MemkitError
-from tests.contract.pairs import for_matrix
+from tests.contract.pairs import classified, for_matrix
 from tests.contract.test_pairs import check_combination
 
 _NO_LINEAR = "no nn.Linear layer to quantize; weight quantization needs plain torch.nn.Linear modules"
@@ -42,6 +42,9 @@ def _singles():
 
 
 SINGLES = _singles()
+#: the techniques that train on GPT-2 (every single not refusing it)
+TRAINS_GPT2 = {k.split(".", 1)[1] for k, _ in SINGLES} - set(REFUSES_GPT2)
+GPT2_PAIRS = [(k, r) for k, r in classified()[0] if all(x.split(".", 1)[1] in TRAINS_GPT2 for x in k.split("+"))]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +68,8 @@ def test_gpt2(recipe, gpt2_model, tiny_dataset, tmp_path, request):
         assert REFUSES_GPT2[name] in str(exc), str(exc)
         return
     assert name not in REFUSES_GPT2, f"{name} now runs on GPT-2: remove it from REFUSES_GPT2"
+
+
+@pytest.mark.parametrize("recipe", [r for _, r in GPT2_PAIRS], ids=[k for k, _ in GPT2_PAIRS])
+def test_gpt2_pair(recipe, gpt2_model, tiny_dataset, tmp_path):
+    check_combination(recipe, gpt2_model, tiny_dataset, tmp_path, estimator=False)

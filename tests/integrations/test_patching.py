@@ -94,6 +94,39 @@ def test_replacing_a_patched_module_is_refused():
     assert isinstance(model[0], torch.nn.Linear)
 
 
+
+def test_a_module_another_technique_put_in_cannot_be_swapped_out_and_remove_leaves_no_mark():
+    model = torch.nn.Sequential(_lin())
+    original = model[0]
+    quant = Patches("e2e_qp", model)
+    quant.replace_module(model, "0", _lin(1))
+    assert patching.owners(model) == {"0": {"module": "e2e_qp"}}
+    with pytest.raises(CompositionError, match="'sst' would replace module '0'.*which 'e2e_qp' put there"):
+        Patches("sst", model).replace_module(model, "0", torch.nn.Identity())
+    quant.remove()
+    assert model[0] is original and patching.owners(model) == {} and patching.put_by(original) is None
+    with pytest.raises(RuntimeError, match="put there by the model itself, not sst"):
+        patching.unswap_module(model, "0", _lin(), "sst")
+
+
+def test_peft_adapter_wrappers_belong_to_the_adapter_until_it_is_removed(tiny_model):
+    """PEFT replaces the targeted Linears itself; the wiring records the adapter as their owner, so a later
+    technique that would swap a wrapper out (its adapter would silently stop training) is refused."""
+    from peft import LoraConfig
+
+    from hf_memkit.integrations.peft_utils import wrap_with_peft
+
+    handle = wrap_with_peft(tiny_model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]),
+                            "adapter.lora")
+    wrapped = {n: o for n, o in patching.owners(handle.model).items()}
+    assert wrapped and all(o == {"module": "adapter.lora"} and n.endswith("q_proj") for n, o in wrapped.items())
+    attn = handle.model.base_model.model.model.layers[0].self_attn
+    with pytest.raises(CompositionError, match="'sst' would replace module 'q_proj'.*'adapter.lora' put there"):
+        swap = Patches("sst", handle.model)
+        swap.replace_module(attn, "q_proj", torch.nn.Identity())
+    base = handle.remove()
+    assert patching.owners(base) == {} and type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
 def test_a_deep_copy_computes_with_its_own_weights_and_an_unpatched_copy_with_none_of_the_patches():
     model = torch.nn.Sequential(_lin())
     Patches("kernel", model).linear_kernel(model[0], _double_kernel)
@@ -189,3 +222,19 @@ def test_e2e_qp_before_its_quantizer_is_refused_with_the_order_fix():
         load_recipe({"memkit": 1, "compress": [{"e2e_qp": {}}, {"gptq": {}}]})
     assert "list gptq before e2e_qp" in str(err.value)
     load_recipe({"memkit": 1, "compress": [{"gptq": {}}, {"e2e_qp": {}}]})
+
+
+def test_stand_ins_replace_modules_for_a_block_and_put_them_back_patched_even_on_error():
+    model = torch.nn.Sequential(_lin(), _lin(1))
+    Patches("mesa", model).linear_kernel(model[0], _double_kernel)
+    x = torch.randn(2, 8)
+    patched = model[0](x)
+    first = model[0]
+    with patching.stand_ins(model, {"0": torch.nn.Identity()}):
+        assert isinstance(model[0], torch.nn.Identity)
+    assert model[0] is first and patching.owners(model) == {"0": {"linear.kernel": "mesa"}}
+    torch.testing.assert_close(model[0](x), patched)
+    with pytest.raises(ZeroDivisionError):
+        with patching.stand_ins(model, {"0": torch.nn.Identity(), "1": torch.nn.Identity()}):
+            1 / 0
+    assert model[0] is first and isinstance(model[1], torch.nn.Linear)

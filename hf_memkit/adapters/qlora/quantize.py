@@ -15,7 +15,7 @@ import tempfile
 import weakref
 from typing import Any
 
-from ...integrations.patching import swap_module
+from ...integrations.patching import swap_module, unswap_module
 from ...integrations.anatomy import name_matches
 
 
@@ -105,5 +105,5 @@ def restore_linears_(model: Any, originals: dict[str, Any], path: str) -> None:
         if m.bias is not None:
             m.bias.data = saved["bias"].to(m.bias.device)
         parent, child = _parent(model, n)
-        swap_module(parent, child, m, "qlora")
+        unswap_module(parent, child, m, "qlora")
     _unlink(path)

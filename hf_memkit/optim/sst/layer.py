@@ -262,7 +262,7 @@ def factorize_linears_(model: nn.Module, target_modules: "str | list[str]" = "al
     """Replace the selected ``nn.Linear`` layers of ``model`` by :class:`SSTLinear` (SVD-initialised, r active
     pairs drawn from ``distribution``). The handle's ``remove()`` puts the original Linear modules back:
     untouched (bit for bit) if no optimizer step ran, else holding the merged trained weight."""
-    from ...integrations.patching import swap_module
+    from ...integrations.patching import swap_module, unswap_module
     from ..common.targets import resolve_target_linears
 
     if rank < 1:
@@ -296,7 +296,7 @@ def factorize_linears_(model: nn.Module, target_modules: "str | list[str]" = "al
             elif linear.weight.device != layer.sigma.device:
                 linear.to(layer.sigma.device)
             object.__setattr__(layer, "_original", None)
-            swap_module(parent, attr, linear, "sst")
+            unswap_module(parent, attr, linear, "sst")
         return model
 
     handle = PatchHandle(model, undo)

@@ -9,6 +9,7 @@ under AMP).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from ..progress import blocks_progress
 from ...compress.layerwise import BlockInputs, block_outputs, capture_block_inputs, find_blocks, run_block
 from ...compress.linear import set_quantized_
+from ...integrations.patching import stand_ins
 from .quantizer import FakeQuantLinear, quant_params
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,11 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ...compress.passes import PassReport
 
 logger = logging.getLogger("hf_memkit")
-
-
-def _set_module(model: Any, name: str, module: Any) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _slice(value: Any, i: int, j: int, rows: int) -> Any:
@@ -115,8 +112,10 @@ def _train_block(model, block, mine, spec, config, quant_in, kwargs, fp_out, rng
     if dtype != torch.float32:
         block.float()
     fq = {n: FakeQuantLinear(m, spec) for n, m in mine.items()}
-    for n, f in fq.items():
-        _set_module(model, n, f)
+    # the block trains with fake-quantized stand-ins of its Linears (they read the Linear's weight, not its
+    # forward: another technique's patches on it do not take part in the pass) and gets its Linears back after it
+    swap = contextlib.ExitStack()
+    swap.enter_context(stand_ins(model, fq))
     xs = [h.float() for h in quant_in]
     ys = [y.float() for y in fp_out]
     kws = [{k: _cast(v, torch.float32) for k, v in kw.items()} for kw in kwargs]
@@ -158,8 +157,7 @@ def _train_block(model, block, mine, spec, config, quant_in, kwargs, fp_out, rng
         final = _block_mse(block, xs, kws, ys)
         codes = {n: f.final_weight(dtype) for n, f in fq.items()}  # before any cast back: round the fp32 weights
     finally:
-        for n, m in mine.items():
-            _set_module(model, n, m)
+        swap.close()
         if dtype != torch.float32:
             block.to(dtype)
     for n, m in mine.items():

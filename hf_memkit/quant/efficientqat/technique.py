@@ -108,7 +108,7 @@ class E2EQPTechnique(CompressTechnique):
                 swapped[n] = m
         except Exception:
             for n, m in swapped.items():
-                _set_module(model, n, m)
+                _set_module(model, n, m, undo=True)
             raise
         for p in model.parameters():
             p.requires_grad_(False)
@@ -117,7 +117,7 @@ class E2EQPTechnique(CompressTechnique):
 
         def undo():
             for n, m in swapped.items():
-                _set_module(model, n, m)
+                _set_module(model, n, m, undo=True)
             for n, p in model.named_parameters():
                 p.requires_grad_(flags[n])
             return model
@@ -125,8 +125,9 @@ class E2EQPTechnique(CompressTechnique):
         return PatchHandle(model, undo)
 
 
-def _set_module(model: Any, name: str, module: Any) -> None:
-    from ...integrations.patching import swap_module
+def _set_module(model: Any, name: str, module: Any, undo: bool = False) -> None:
+    from ...integrations.patching import swap_module, unswap_module
 
     parent_name, _, child = name.rpartition(".")
-    swap_module(model.get_submodule(parent_name) if parent_name else model, child, module, "e2e_qp")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    (unswap_module if undo else swap_module)(parent, child, module, "e2e_qp")
