@@ -27,11 +27,15 @@ install: $(STAMP)
 demo: install
 	$(PYTHON) -m hf_memkit.cli train
 
+# the suite on TEST_WORKERS processes (pytest-xdist), each with one intra-op thread: the tests are small, mostly
+# single-threaded work, so two workers on two cores take about half the time of one process with two threads
+TEST_WORKERS ?= 2
+
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # the suite against the newest releases the ranges in pyproject.toml allow (torch stays the CPU build on disk)
 test-newest:

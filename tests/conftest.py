@@ -12,7 +12,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the suite runs in one process with the stock allocator (a fixed glibc mmap threshold would slow every test);
 # tests/memory/test_host_memory.py checks the allocator settings in their own processes
 os.environ.setdefault("HF_MEMKIT_ALLOCATOR", "system")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one intra-op thread each (and in the processes they start), or
+    # OpenMP's spin-waits across busy cores cost more than the threads save (see hf_memkit/quant/threads.py)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 logging.getLogger("hf_memkit").setLevel(logging.INFO)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the end-to-end tests (``slow``: child processes, launchers, two ranks) go out first, so the
+    workers finish on short tests instead of one worker running a 100 s test alone at the end (stable order
+    otherwise, the same in every worker, as xdist requires)."""
+    if hasattr(config, "workerinput"):  # an xdist worker (the collection that is scheduled)
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,7 +36,11 @@ def _freeze_import_time_objects():
     import gc
 
     import peft  # noqa: F401
+    import torch
     import transformers  # noqa: F401
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # in case a plugin imported torch before the environment was set
+        torch.set_num_threads(1)
     from transformers import Trainer  # noqa: F401
 
     import hf_memkit.integrations.trainer  # noqa: F401

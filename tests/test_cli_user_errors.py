@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs the command line in a child process
+
 
 def memkit(*args, cwd=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "hf_memkit.cli", *args], capture_output=True, text=True,

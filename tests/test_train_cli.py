@@ -11,6 +11,8 @@ import pytest
 
 from hf_memkit.train import TrainOptions, train
 
+pytestmark = pytest.mark.slow  # each test runs `memkit train` in a child process
+
 
 def memkit(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "hf_memkit.cli", *args], capture_output=True, text=True,

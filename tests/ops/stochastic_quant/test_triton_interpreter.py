@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 
 from tests.ops.triton_child import needs_interpreter, run_under_interpreter
+
+pytestmark = pytest.mark.slow  # the kernels run under the Triton interpreter in a child process
 
 
 def test_triton_kernels_under_the_interpreter():
