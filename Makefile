@@ -28,14 +28,15 @@ demo: install
 	$(PYTHON) -m hf_memkit.cli train
 
 # the suite on TEST_WORKERS processes (pytest-xdist), each with one intra-op thread: the tests are small, mostly
-# single-threaded work, so two workers on two cores take about half the time of one process with two threads
+# single-threaded work, so two workers on two cores take about half the time of one process with two threads;
+# worksteal: an idle worker takes tests queued for the other, so the run does not end on one worker's backlog
 TEST_WORKERS ?= 2
 
 test: install
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # the suite against the newest releases the ranges in pyproject.toml allow (torch stays the CPU build on disk)
 test-newest:

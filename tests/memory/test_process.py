@@ -70,7 +70,9 @@ def test_sampler_records_phases_and_the_peak():
         s.mark("load")
         time.sleep(0.02)
         s.mark("build")
-        x = torch.ones(32 * 2**20 // 4)
+        # above glibc's largest mmap threshold (32 MiB): fresh pages whatever the heap of this process holds free
+        # (a 32 MiB tensor could reuse freed heap memory and leave the RSS flat in a process that ran other tests)
+        x = torch.ones(96 * 2**20 // 4)
         time.sleep(0.03)
         s.mark("save")
         del x
