@@ -26,6 +26,13 @@ from .errors import MemkitError, RecipeError
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
+def _country(text: str) -> str:
+    code = text.strip().upper()
+    if len(code) != 3 or not code.isalpha():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a three-letter ISO 3166 country code (e.g. USA, FRA, DEU)")
+    return code
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -65,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--packing", action="store_true",
                    help="with --token-budget: pack each batch into one row (position ids reset per sequence, no "
                    "attention across sequences) instead of padding")
+    t.add_argument("--country", default="USA", type=_country, metavar="ISO3",
+                   help="country whose grid CO2 intensity converts the measured energy (ISO 3166 alpha-3, default "
+                   "USA); energy is measured with codecarbon, offline")
     t.add_argument("--allocator", default=None, choices=("auto", "mimalloc", "glibc", "system"),
                    help="how freed host memory goes back to the OS (default: $HF_MEMKIT_ALLOCATOR, else auto = "
                    "mimalloc when installed, else glibc with a fixed mmap threshold; system = leave malloc alone)")
@@ -113,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=_positive, default=5, help="optimizer steps per recipe")
     c.add_argument("--batch-size", type=_positive, default=None, help="per-device train batch size")
     c.add_argument("--seq-len", type=_positive, default=None, help="tokens per block")
+    c.add_argument("--country", default="USA", type=_country, metavar="ISO3",
+                   help="country whose grid CO2 intensity converts the measured energy (default USA)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--plot", default=None, metavar="PNG", help="also write a bar chart")
     c.add_argument("--workdir", default=None, help="keep each run's output here (default: a temp folder)")
@@ -127,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the perplexity evaluations before and after")
     q.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty DIR entirely (it is never merged into; without this it is refused)")
+    q.add_argument("--country", default="USA", type=_country, metavar="ISO3",
+                   help="country whose grid CO2 intensity converts the measured energy (default USA)")
 
     x = sub.add_parser("export", help="check an exported folder, refresh its model card, optionally push it",
                        description="DIR is an export (memkit compress -o DIR) or a run's output directory holding "
@@ -205,7 +219,7 @@ def _train(ns: argparse.Namespace, extra: list[str]) -> int:
                                      max_seq_len=ns.max_seq_len, output_dir=ns.output_dir, extra=extra,
                                      eval_before=ns.eval_before, divergence_guard=ns.divergence_guard,
                                      overwrite=ns.overwrite, allocator=ns.allocator,
-                                     token_budget=ns.token_budget, packing=ns.packing))
+                                     token_budget=ns.token_budget, packing=ns.packing, country=ns.country))
     if summary.get("verdict") in ("collapsed", "diverged"):
         print(f"memkit: the trained model {summary['verdict']} (eval perplexity {summary['perplexity_after']})\n"
               "  fix: lower the learning rate or add warmup; see train_summary.json", file=sys.stderr)
@@ -225,7 +239,8 @@ def _compress(ns: argparse.Namespace) -> int:
     from .quant.oneshot import compress
 
     try:
-        s = compress(ns.model, ns.recipe, ns.output_dir, evaluate=ns.evaluate, overwrite=ns.overwrite)
+        s = compress(ns.model, ns.recipe, ns.output_dir, evaluate=ns.evaluate, overwrite=ns.overwrite,
+                     country=ns.country)
     except OSError as exc:
         return _output_error(exc, f"memkit compress (output {ns.output_dir})")
     before, after = s["perplexity_before"], s["perplexity_after"]
@@ -270,6 +285,7 @@ def _compare(ns: argparse.Namespace) -> int:
         extra += ["--per_device_train_batch_size", str(ns.batch_size)]
     if ns.seq_len:
         extra += ["--max-seq-len", str(ns.seq_len)]
+    extra += ["--country", ns.country]
     rows = compare(ns.recipes, model=ns.model, steps=ns.steps, extra=extra, workdir=ns.workdir)
     if ns.plot:
         from .memory.report import plot_compare

@@ -49,6 +49,7 @@ class TrainOptions:
     allocator: str | None = None  # host_memory.CHOICES; None: $HF_MEMKIT_ALLOCATOR, else auto
     token_budget: int | None = None  # batches of at most N tokens over the corpus's paragraphs (--token-budget N)
     packing: bool = False  # with token_budget: pack each batch into one row instead of padding (--packing)
+    country: str = "USA"  # the grid whose CO2 intensity converts the measured energy (--country, ISO 3166 alpha-3)
 
 
 def split_batching_flags(extra: list[str]) -> tuple[int | None, bool, list[str]]:
@@ -314,12 +315,16 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     host_memory.page_out_libraries()  # library pages the imports touched and training does not need
     base = {"model": opts.model, "recipe": recipe.source, "techniques": recipe.names(), "seq_len": seq_len,
             "perplexity_before": round(ppl_before, 4) if ppl_before is not None else None}
+    from .energy import EnergyMeter
+
+    meter = EnergyMeter(opts.country).start()
     t0 = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except DivergenceError as exc:
         _write_reports(args.output_dir, {**base, "status": "diverged", "verdict": "diverged", "error": str(exc),
-                                         "steps": trainer.state.global_step, "peak_rss_bytes": peak_rss_bytes()},
+                                         "steps": trainer.state.global_step, "peak_rss_bytes": peak_rss_bytes(),
+                                         "energy": meter.stop()},
                        {"estimate": estimate.to_dict(), "measured": profiler.report()})
         raise
     seconds = time.perf_counter() - t0
@@ -331,6 +336,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         base["batching"] = {"token_budget": opts.token_budget, "mode": budget_run.mode,
                             "padding_fraction": round(budget_run.stats.padding_fraction, 4),
                             "token_slots": budget_run.stats.slots, "batches": budget_run.stats.batches}
+    energy = meter.stop(tokens)
     process.mark("save")
     trainer.save_model(args.output_dir)
     summary = {
@@ -346,9 +352,18 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         "peak_rss_bytes": peak_rss_bytes(),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "host_memory": host_memory.describe(),
+        "energy": energy,
     }
     report = {"estimate": estimate.to_dict(), "measured": profiler.report()}
     _write_reports(args.output_dir, summary, report)
+    from .export.card import SMOLLM2_HUB_ID, base_model_id, training_info, write_training_card
+
+    base_id = {"smollm2": SMOLLM2_HUB_ID, "tiny": None}.get(opts.model, None) if kind != "path" else (
+        base_model_id(name_or_path=str(path)))
+    write_training_card(args.output_dir, {
+        **training_info(trainer.model, recipe, metrics=summary, energy=energy, base_model=base_id,
+                        data="hf_memkit's embedded corpus (Python's pydoc_data.topics)"),
+        "written_by": "`memkit train`"})
     from .memory.report import plot_report
 
     plot_report(report, os.path.join(args.output_dir, "memory_report.png"))
@@ -362,6 +377,12 @@ def _write_reports(output_dir: str, summary: dict[str, Any], report: dict[str, A
 
     write_json(os.path.join(output_dir, "memory_report.json"), report)
     write_json(os.path.join(output_dir, "train_summary.json"), summary)
+
+
+def _energy_line(energy: dict[str, Any] | None) -> str:
+    from .energy import describe
+
+    return describe(energy).removeprefix("energy: ")
 
 
 def _allocator_line(host: dict[str, Any]) -> str:
@@ -390,6 +411,7 @@ def print_summary(summary: dict[str, Any], report: dict[str, Any]) -> None:
         ("trainable parameters", f"{summary['trainable_parameters']:,}"),
         ("peak RSS", f"{summary['peak_rss_bytes'] / 2**20:.0f} MiB"),
         ("allocator", _allocator_line(summary.get("host_memory") or {})),
+        ("energy", _energy_line(summary.get("energy"))),
     ]
     batching = summary.get("batching")
     if batching:

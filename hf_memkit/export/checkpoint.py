@@ -309,7 +309,9 @@ def card_info(model: Any, recipe: Any, fmt: str, metrics: dict[str, Any], writte
     _calibration_as_run(model, techniques)
     groups = written.get("groups", {})
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return {"model_name": os.path.basename(str(name).rstrip("/")) or str(name), "format": fmt,
+    from .card import base_model_id
+
+    return {"base_model": base_model_id(model), "model_name": os.path.basename(str(name).rstrip("/")) or str(name), "format": fmt,
             "summary": ", ".join(groups) + (f" + LoRC r{lorc['rank']}" if lorc else ""),
             "techniques": techniques, "recipe_yaml": recipe_yaml, "metrics": metrics,
             "quantized_layers": len(written.get("quantized_layers", [])), "groups": groups, "lorc": lorc}

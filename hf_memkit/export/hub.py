@@ -145,11 +145,14 @@ def _ppl(x: float | None) -> str:
 def model_card(info: dict[str, Any]) -> str:
     """A README.md for an exported folder, from the dict :func:`hf_memkit.export.checkpoint.export_model`
     gathers (recipe, techniques and versions, grids, measured perplexity and size)."""
-    lines = ["---", "library_name: transformers", "tags:", "- hf_memkit"]
-    if info.get("format") == "compressed-tensors":
-        lines += ["- compressed-tensors", "- quantized"]
-    lines += [f"- {t['name']}" for t in info.get("techniques", [])]
-    lines += ["---", "", f"# {info.get('model_name') or 'model'} ({info.get('summary', info.get('format'))})", ""]
+    from .card import co2_metadata, front_matter
+
+    tags = ["hf_memkit"] + (["compressed-tensors", "quantized"] if info.get("format") == "compressed-tensors" else [])
+    tags += [t["name"] for t in info.get("techniques", [])]
+    energy = (info.get("metrics") or {}).get("energy")
+    lines = [front_matter(base_model=info.get("base_model"), library_name="transformers", tags=tags,
+                          co2=co2_metadata(energy, "compression (post-training)")).rstrip("\n")]
+    lines += ["", f"# {info.get('model_name') or 'model'} ({info.get('summary', info.get('format'))})", ""]
     lines.append(f"Written by hf_memkit {info.get('hf_memkit_version', '?')} in the `{info.get('format')}` format"
                  + (f" (compressed-tensors {info['compressed_tensors_version']})"
                     if info.get("compressed_tensors_version") else "") + ".")
@@ -164,6 +167,9 @@ def model_card(info: dict[str, Any]) -> str:
               f"| this checkpoint | {_ppl(m.get('perplexity'))} | {_mb(m.get('bytes_on_disk'))} |"]
     if m.get("perplexity_note"):
         lines += ["", m["perplexity_note"]]
+    if isinstance(energy, dict) and energy.get("measured"):
+        lines += ["", f"Energy of the compression run: {energy['energy_j']:.0f} J, {energy['co2eq_g']:.4g} g CO2eq "
+                      f"({energy['method']}; grid {energy['grid_g_per_kwh']} g/kWh, {energy['country_iso_code']})."]
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM",
               "", f"model = AutoModelForCausalLM.from_pretrained(\"{info.get('repo_id') or 'PATH'}\")"
               + ("  # pip install compressed-tensors" if info.get("format") == "compressed-tensors" else "")]

@@ -278,7 +278,8 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
             "this trainer already has a recipe applied",
             fix="apply one recipe per trainer; compose techniques in one recipe instead",
         )
-    originals = {n: getattr(trainer, n) for n in ("create_optimizer", "compute_loss", "_save_checkpoint", "train")}
+    originals = {n: getattr(trainer, n) for n in ("create_optimizer", "compute_loss", "_save_checkpoint", "train",
+                                                  "save_model")}
 
     def create_optimizer(model=None):
         opt_t = runtime.of_slot("optimizer")
@@ -343,14 +344,28 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
             runtime.finalize(trainer.model, trainer.args.output_dir)
         return result
 
+    def save_model(output_dir=None, _internal_call=False):
+        # the model a script saves gets a card that says what happened (checkpoints do not: _internal_call)
+        out = originals["save_model"](output_dir, _internal_call)
+        if not _internal_call and trainer.args.should_save:
+            from .run_card import write_run_card
+
+            write_run_card(trainer, runtime, output_dir or trainer.args.output_dir)
+        return out
+
     for n, fn in (("create_optimizer", create_optimizer), ("compute_loss", compute_loss),
-                  ("_save_checkpoint", _save_checkpoint), ("train", train)):
+                  ("_save_checkpoint", _save_checkpoint), ("train", train), ("save_model", save_model)):
         setattr(trainer, n, fn)
     for t in runtime.techniques:  # techniques that act on the wrapped model (CO2 turns DDP's gradient sync off)
         bind = getattr(t, "bind_trainer", None)
         if bind is not None:
             bind(trainer)
     callbacks = [cb for t in runtime.techniques for cb in t.callbacks()]
+    from .run_card import energy_callback
+
+    energy = energy_callback(runtime)  # HF_MEMKIT_ENERGY=1 (or a country code): codecarbon around train()
+    if energy is not None:
+        callbacks.append(energy)
     for cb in callbacks:
         trainer.add_callback(cb)
     trainer.memkit = runtime

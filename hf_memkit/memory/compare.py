@@ -33,6 +33,7 @@ def run_one(recipe: str, model: str, steps: int, out_dir: str, extra: list[str])
         "measured_total_bytes": comparable_total(report["measured"]),
         "median_step_seconds": report["measured"].get("median_step_seconds"),
         "final_loss": summary.get("last_logged_loss"), "eval_perplexity": summary["perplexity_after"],
+        "energy": summary.get("energy"),
     }
 
 
@@ -66,6 +67,11 @@ def compare(recipes: list[str], *, model: str = "smollm2", steps: int = 5, extra
     return rows
 
 
+def _energy(row: dict[str, Any], key: str, fmt: str) -> str:
+    e = row.get("energy") or {}
+    return fmt.format(e[key]) if e.get("measured") and e.get(key) is not None else "-"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     cols = [
         ("recipe", lambda r: r["name"]),
@@ -80,6 +86,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("estimate MiB", lambda r: f"{r['estimate_total_bytes'] / MIB:.1f}"),
         ("step s", lambda r: f"{r['median_step_seconds']:.2f} ({r.get('ratio_step_time', 1):.2f}x)"
          if r["median_step_seconds"] else "-"),
+        ("energy J", lambda r: _energy(r, "energy_j", "{:.0f}")),
+        ("J/1k tok", lambda r: _energy(r, "energy_j_per_1k_tokens", "{:.1f}")),
+        ("gCO2eq", lambda r: _energy(r, "co2eq_g", "{:.3f}")),
         ("final loss", lambda r: f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"),
         ("eval ppl", lambda r: f"{r['eval_perplexity']:.2f}"),
     ]
@@ -88,4 +97,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    measured = [r["energy"] for r in rows if (r.get("energy") or {}).get("measured")]
+    if measured:
+        e = measured[0]
+        lines.append(f"energy: {e['method']}; CO2eq at {e['grid_g_per_kwh']} g/kWh ({e['country_iso_code']})")
+    else:
+        why = next(((r.get("energy") or {}).get("why") for r in rows if r.get("energy")), None)
+        lines.append(f"energy: not measured ({why or 'no measurement in the runs'})")
     return "\n".join(lines)

@@ -48,7 +48,7 @@ def check_recipe(recipe: Any) -> Plan:
 
 
 def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True, overwrite: bool = False,
-             log=print) -> dict[str, Any]:
+             log=print, country: str = "USA") -> dict[str, Any]:
     """Compress ``model`` and write the export into ``output_dir``, staged and renamed into place at the end (an
     interrupted run leaves the previous folder or nothing). A non-empty ``output_dir`` is refused before any
     model loads unless ``overwrite``, which replaces it whole (never merges)."""
@@ -73,16 +73,21 @@ def compress(model: str, recipe: Any, output_dir: str, *, evaluate: bool = True,
         t.validate(ctx)
     log(f"hf_memkit: compressing {model} ({path}) with {', '.join(plan.names)}")
     pause_point("compress:loaded")
+    from ..energy import EnergyMeter, describe
+
+    meter = EnergyMeter(country).start()
     t0 = time.perf_counter()
     net, report, ppl_fp, ppl_q = _run_passes(net, tok, recipe, plan, evaluate, log)
     seconds = time.perf_counter() - t0
-    export = _write_output(net, tok, recipe, plan, output_dir, report, ppl_fp, ppl_q, overwrite)
+    energy = meter.stop()
+    log(f"hf_memkit: {describe(energy)}")
+    export = _write_output(net, tok, recipe, plan, output_dir, report, ppl_fp, ppl_q, overwrite, energy)
     from ..export.hub import folder_bytes
 
     log(f"hf_memkit: export in {output_dir} (manifest {output_dir}/memkit_export.json)")
     return {"model": model, "recipe": recipe.source, "techniques": plan.names, "format": export.format,
             "output_dir": output_dir, "seconds": round(seconds, 1), "perplexity_before": ppl_fp,
-            "perplexity_after": ppl_q, "bytes_on_disk": folder_bytes(output_dir)}
+            "perplexity_after": ppl_q, "bytes_on_disk": folder_bytes(output_dir), "energy": energy}
 
 
 def _check_not_source(path: Any, output_dir: str, overwrite: bool) -> None:
@@ -131,7 +136,7 @@ def _run_passes(net: Any, tok: Any, recipe: Any, plan: Plan, evaluate: bool, log
 
 
 def _write_output(net: Any, tok: Any, recipe: Any, plan: Plan, output_dir: str, report: dict, ppl_fp: Any,
-                  ppl_q: Any, overwrite: bool) -> Any:
+                  ppl_q: Any, overwrite: bool, energy: dict | None = None) -> Any:
     """The export, its tokenizer and the compression report, staged together and renamed into place at once
     (so weights, config.json, model card and manifest always describe the same pass)."""
     from ..atomic import write_json
@@ -139,7 +144,7 @@ def _write_output(net: Any, tok: Any, recipe: Any, plan: Plan, output_dir: str, 
     from ..recipe import ExportConfig
 
     export = recipe.export if recipe.export is not None else ExportConfig(format="compressed-tensors")
-    metrics = {"perplexity_full_precision": ppl_fp, "perplexity": ppl_q}
+    metrics = {"perplexity_full_precision": ppl_fp, "perplexity": ppl_q, "energy": energy}
     if ppl_q is not None:
         from .evaluate import EVAL_BLOCKS, EVAL_SEQ_LEN
 
@@ -150,7 +155,11 @@ def _write_output(net: Any, tok: Any, recipe: Any, plan: Plan, output_dir: str, 
         kw = {"recipe": recipe, "tokenizer": tok, "metrics": metrics, "layout": export.sparse_layout}
         write_export(net, tmp, export, **({} if export.format == "safetensors" else kw))
         if export.format == "safetensors":
+            from ..export.checkpoint import card_info
+            from ..export.hub import write_card
+
             tok.save_pretrained(tmp)
+            write_card(tmp, card_info(net, recipe, "safetensors", metrics, {}, None))
         write_json(os.path.join(tmp, REPORT_FILE), {"techniques": plan.names, "pass": report})
     return export
 
