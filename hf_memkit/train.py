@@ -111,6 +111,11 @@ def _parse_flags(extra: list[str], output_dir: str) -> Any:
         raise MemkitError(f"invalid TrainingArguments flag: {reason.split('error: ', 1)[-1]}\n"
                           "  fix: see `memkit train --help` and `python -c 'import transformers; "
                           "help(transformers.TrainingArguments)'`") from None
+    except ValueError as exc:  # TrainingArguments' own checks of a combination of flags
+        cpu_bf16 = "bf16" in str(exc) and "use_cpu" in str(exc)
+        raise MemkitError(f"TrainingArguments refuses these flags: {exc}\n  fix: "
+                          + ("on a machine without a GPU add --use_cpu to --bf16 (bf16 autocast on the CPU)"
+                             if cpu_bf16 else "change the flags it names (see `memkit train --help`)")) from None
     flags = [a for a in rest if a.startswith("-")]
     if flags or rest:
         bad = (flags or rest)[0]

@@ -34,6 +34,9 @@ CASES = {
     "train: misspelled recipe key": (["train", "--model", "tiny", "--recipe", "{t}/bad.yaml"], "did you mean 'r'"),
     "train: unknown model": (["train", "--model", "no/such-model"], "not 'tiny', 'smollm2' or a local folder"),
     "train: unknown flag": (["train", "--model", "tiny", "--bogus", "1"], "unknown argument '--bogus'"),
+    # TrainingArguments' own check of a combination (a ValueError in its __post_init__) is a message too
+    "train: flags TrainingArguments refuses": (["train", "--model", "tiny", "--bf16", "--fp16"],
+                                               "TrainingArguments refuses these flags"),
     "run: missing script": (["run", "{t}/nope.py", "--memkit_recipe", "lora"], "nope.py"),
     "run: bad recipe": (["run", "{t}/script.py", "--memkit_recipe", "{t}/bad.yaml"], "did you mean 'r'"),
     "estimate: unknown recipe": (["estimate", "--model", "tiny", "--recipe", "no_such_recipe"], "not found"),
