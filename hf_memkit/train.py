@@ -343,6 +343,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                             "token_slots": budget_run.stats.slots, "batches": budget_run.stats.batches}
     energy = meter.stop(tokens)
     process.mark("save")
+    trainer.memkit.writes_card = False  # the card below says more than a script's save_model card can
     trainer.save_model(args.output_dir)
     summary = {
         **base, "status": "finished", "steps": steps, "train_tokens": tokens, "train_seconds": round(seconds, 2),
@@ -361,12 +362,11 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     }
     report = {"estimate": estimate.to_dict(), "measured": profiler.report()}
     _write_reports(args.output_dir, summary, report)
-    from .export.card import SMOLLM2_HUB_ID, base_model_id, training_info, write_training_card
+    from .export.card import base_model_id, training_info, write_training_card
 
-    base_id = {"smollm2": SMOLLM2_HUB_ID, "tiny": None}.get(opts.model, None) if kind != "path" else (
-        base_model_id(name_or_path=str(path)))
     write_training_card(args.output_dir, {
-        **training_info(trainer.model, recipe, metrics=summary, energy=energy, base_model=base_id,
+        **training_info(trainer.model, recipe, metrics=summary, energy=energy,
+                        base_model=base_model_id(name_or_path=str(path)),
                         data="hf_memkit's embedded corpus (Python's pydoc_data.topics)"),
         "written_by": "`memkit train`"})
     from .memory.report import plot_report

@@ -295,23 +295,15 @@ def _write_sparse(model: Any, out_dir: str, *, layout: str = "dense", recipe: An
 
 def card_info(model: Any, recipe: Any, fmt: str, metrics: dict[str, Any], written: dict[str, Any],
               lorc: dict[str, Any] | None) -> dict[str, Any]:
-    from .. import registry
+    from .card import base_model_id, techniques_of
 
-    techniques = []
-    recipe_yaml = None
-    if recipe is not None:
-        recipe_yaml = recipe.to_yaml()
-        for spec in recipe.techniques:
-            entry = registry.get(spec.name, spec.slot)
-            techniques.append({"name": spec.name, "slot": spec.slot,
-                               "version": entry.technique_cls.version if entry else "?",
-                               "settings": spec.config.model_dump(mode="json")})
+    techniques = techniques_of(recipe)
+    recipe_yaml = recipe.to_yaml() if recipe is not None else None
     _calibration_as_run(model, techniques)
     groups = written.get("groups", {})
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    from .card import base_model_id
-
-    return {"base_model": base_model_id(model), "model_name": os.path.basename(str(name).rstrip("/")) or str(name), "format": fmt,
+    return {"base_model": base_model_id(model), "model_name": os.path.basename(str(name).rstrip("/")) or str(name),
+            "format": fmt,
             "summary": ", ".join(groups) + (f" + LoRC r{lorc['rank']}" if lorc else ""),
             "techniques": techniques, "recipe_yaml": recipe_yaml, "metrics": metrics,
             "quantized_layers": len(written.get("quantized_layers", [])), "groups": groups, "lorc": lorc}

@@ -219,15 +219,26 @@ def mark_put_(module: Any, owner: str) -> None:
     module.__dict__[PUT_BY_ATTR] = owner
 
 
+def parent_of(model: Any, name: str) -> tuple[Any, str]:
+    """(the module holding the submodule called ``name``, its attribute name there)."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _held_by_other(module: Any, owner: str) -> tuple[str, str] | None:
+    """(part, owner) of the first part of ``module`` another technique than ``owner`` holds, or None."""
+    return next(((p, r.owner) for p, r in parts_of(module).items() if r.owner != owner), None)
+
+
 def swap_module(parent: Any, child: str, new: Any, owner: str) -> Any:
     """Put ``new`` in place of ``parent.<child>`` for ``owner`` and return the module it replaces. A module whose
     parts another technique holds, or that another technique put there (an adapter's wrapper, a quantized
     layer), cannot be replaced: that technique's work would silently stop running. Undo with
     :func:`unswap_module`."""
     old = getattr(parent, child)
-    held = {p: r.owner for p, r in parts_of(old).items() if r.owner != owner}
+    held = _held_by_other(old, owner)
     if held:
-        part, other = next(iter(held.items()))
+        part, other = held
         raise CompositionError(
             f"'{owner}' would replace module {child!r} of {type(parent).__name__} ({type(old).__name__}), whose "
             f"{part!r} '{other}' has patched, and no composition of the two is declared. Fix: use one of them in "
@@ -251,9 +262,9 @@ def unswap_module(parent: Any, child: str, original: Any, owner: str) -> Any:
         raise RuntimeError(f"{owner}: module {child!r} of {type(parent).__name__} ({type(current).__name__}) was "
                            f"put there by {putter or 'the model itself'}, not {owner}; patches come off in the "
                            "reverse order they were applied")
-    held = {p: r.owner for p, r in parts_of(current).items() if r.owner != owner}
+    held = _held_by_other(current, owner)
     if held:
-        part, other = next(iter(held.items()))
+        part, other = held
         raise RuntimeError(f"{owner}: module {child!r} still carries '{other}''s {part!r} patch; patches come off "
                            "in the reverse order they were applied")
     setattr(parent, child, original)
@@ -270,8 +281,7 @@ def stand_ins(model: Any, replacements: dict[str, Any]):
     done = []
     try:
         for name, new in replacements.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, child = parent_of(model, name)
             done.append((parent, child, getattr(parent, child)))
             setattr(parent, child, new)
         yield

@@ -60,7 +60,7 @@ def write_run_card(trainer: Any, runtime: Any, output_dir: str) -> None:
             metrics["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     except Exception:  # pragma: no cover - a CUDA query must not stop a save
         pass
-    energy = getattr(runtime, "energy", None)
+    energy = runtime.energy
     if energy is None:
         energy = {"measured": False, "why": f"set {ENERGY_ENV}=1 (or a country code) to measure it with codecarbon"}
     info = training_info(trainer.model, runtime.recipe, metrics=metrics, energy=energy)

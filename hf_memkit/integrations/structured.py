@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import IncompatibleModelError
-from .patching import swap_module
+from .patching import parent_of, swap_module
 
 #: (gate, up, down) names per MLP layout
 MLP_LAYOUTS = (("gate_proj", "up_proj", "down_proj"),)
@@ -57,8 +57,7 @@ def drop_layers_(model: Any, drop: list[int], key: str) -> None:
     if not keep:
         raise IncompatibleModelError(f"{key}: dropping {len(drop)} of {n} layers leaves none")
     new = torch.nn.ModuleList([blocks[i] for i in keep])
-    parent_name, _, attr = prefix.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, attr = parent_of(model, prefix)
     swap_module(parent, attr, new, key)
     for idx, layer in enumerate(new):
         for mod in layer.modules():

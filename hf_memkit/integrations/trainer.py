@@ -48,6 +48,10 @@ class RecipeRuntime:
         self.handles: list[PatchHandle] = []
         self.original_model: Any = None
         self._restore_kernels: Any = None  # turns transformers' hub kernels back on after unpatch
+        #: the final save_model writes the model card (memkit train turns it off: it writes a fuller one itself)
+        self.writes_card = True
+        #: the run's energy report, when it was measured (HF_MEMKIT_ENERGY, see run_card.energy_callback)
+        self.energy: Any = None
 
     def of_slot(self, slot: str) -> Technique | None:
         return next((t for t in self.techniques if t.slot == slot), None)
@@ -347,7 +351,7 @@ def attach(trainer: Any, runtime: RecipeRuntime) -> Any:
     def save_model(output_dir=None, _internal_call=False):
         # the model a script saves gets a card that says what happened (checkpoints do not: _internal_call)
         out = originals["save_model"](output_dir, _internal_call)
-        if not _internal_call and trainer.args.should_save:
+        if not _internal_call and trainer.args.should_save and runtime.writes_card:
             from .run_card import write_run_card
 
             write_run_card(trainer, runtime, output_dir or trainer.args.output_dir)

@@ -15,11 +15,12 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger("hf_memkit")
 
 def default_config(name: str) -> Any:
-    from ..compress.capabilities import PRUNER, capability, names_with, technique_class
+    from ..compress.capabilities import PRUNER, capability, names_with
+    from ..compress.passes import config_for
 
     if capability(name, "role") != PRUNER:
         raise IncompatibleModelError(f"unknown pruning pass {name!r}; use one of {', '.join(names_with(PRUNER))}")
-    return technique_class(name).config_cls()
+    return config_for(name)
 
 
 def prune_model_(model: Any, name: str, config: Any = None, *, calibration: "CalibrationData | None" = None,

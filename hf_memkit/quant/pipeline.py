@@ -25,11 +25,10 @@ logger = logging.getLogger("hf_memkit")
 
 
 def default_config(name: str) -> Any:
-    from .efficientqat.config import BlockAPConfig
-    from .gptq.config import GPTQConfig
-    from .rtn.config import RTNConfig
+    """The default config of the quantizer ``name`` (its registered class's config, no name table)."""
+    from ..compress.passes import config_for
 
-    return {"rtn": RTNConfig, "gptq": GPTQConfig, "block_ap": BlockAPConfig}[name]()
+    return config_for(name)
 
 
 def check_model(model: Any, quantizer: str, config: Any, key: str | None = None) -> dict[str, Any]:

@@ -15,13 +15,8 @@ import tempfile
 import weakref
 from typing import Any
 
-from ...integrations.patching import swap_module, unswap_module
+from ...integrations.patching import parent_of, swap_module, unswap_module
 from ...integrations.anatomy import name_matches
-
-
-def _parent(model: Any, name: str):
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, compute_dtype: str,
@@ -66,7 +61,7 @@ def quantize_linears_4bit_(model: Any, *, quant_type: str, double_quant: bool, c
         ).to(m.weight.device)
         if m.bias is not None:
             q.bias = torch.nn.Parameter(m.bias.data.clone(), requires_grad=m.bias.requires_grad)
-        parent, child = _parent(model, n)
+        parent, child = parent_of(model, n)
         swap_module(parent, child, q, "qlora")
         # the original module keeps its identity (hooks, attributes) but lets go of its storage
         m.weight.data = torch.empty(0, dtype=m.weight.dtype, device=m.weight.device)
@@ -104,6 +99,6 @@ def restore_linears_(model: Any, originals: dict[str, Any], path: str) -> None:
         m.weight.data = saved["weight"].to(m.weight.device)
         if m.bias is not None:
             m.bias.data = saved["bias"].to(m.bias.device)
-        parent, child = _parent(model, n)
+        parent, child = parent_of(model, n)
         unswap_module(parent, child, m, "qlora")
     _unlink(path)

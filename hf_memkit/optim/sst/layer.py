@@ -252,17 +252,12 @@ def sample_active(sigma: torch.Tensor, r: int, distribution: str, generator: tor
     return torch.multinomial(p, r, replacement=False, generator=generator)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
 def factorize_linears_(model: nn.Module, target_modules: "str | list[str]" = "all-linear", rank: int = 64, *,
                        distribution: str = "mixed", seed: int = 0, key: str = "optimizer.sst") -> PatchHandle:
     """Replace the selected ``nn.Linear`` layers of ``model`` by :class:`SSTLinear` (SVD-initialised, r active
     pairs drawn from ``distribution``). The handle's ``remove()`` puts the original Linear modules back:
     untouched (bit for bit) if no optimizer step ran, else holding the merged trained weight."""
-    from ...integrations.patching import swap_module, unswap_module
+    from ...integrations.patching import parent_of, swap_module, unswap_module
     from ..common.targets import resolve_target_linears
 
     if rank < 1:
@@ -285,7 +280,7 @@ def factorize_linears_(model: nn.Module, target_modules: "str | list[str]" = "al
         layer.factorize_(w)
         layer.set_active_(sample_active(layer.sigma, layer.rank, distribution, generator))
         object.__setattr__(layer, "_original", linear)
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         swap_module(parent, attr, layer, "sst")
         records.append((parent, attr, linear, layer))
 

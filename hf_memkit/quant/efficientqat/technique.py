@@ -126,8 +126,7 @@ class E2EQPTechnique(CompressTechnique):
 
 
 def _set_module(model: Any, name: str, module: Any, undo: bool = False) -> None:
-    from ...integrations.patching import swap_module, unswap_module
+    from ...integrations.patching import parent_of, swap_module, unswap_module
 
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = parent_of(model, name)
     (unswap_module if undo else swap_module)(parent, child, module, "e2e_qp")
